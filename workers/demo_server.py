@@ -1,0 +1,71 @@
+"""The demo MCP server: a handful of tools for demos, tests and benchmarks.
+
+Run it over stdio (``python -m workers.demo_server``) or streamable HTTP
+(``python -m workers.demo_server --transport http --port 8765``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+
+import anyio
+from mcp.server import MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp.shared.exceptions import MCPError
+
+# JSON-RPC "internal error": toolswarm classifies it as transient and retries.
+TRANSIENT_ERROR_CODE = -32603
+
+
+def build_server() -> MCPServer:
+    server = MCPServer("toolswarm-demo", log_level="WARNING")
+
+    @server.tool()
+    async def echo(text: str) -> str:
+        """Return the text unchanged."""
+        return text
+
+    @server.tool()
+    async def add(a: float, b: float) -> float:
+        """Return a + b."""
+        return a + b
+
+    @server.tool()
+    async def sleep(ms: int) -> str:
+        """Sleep for ms milliseconds, then say so."""
+        await anyio.sleep(ms / 1000)
+        return f"slept {ms}ms"
+
+    @server.tool()
+    async def fail(message: str) -> str:
+        """Always fail with a tool error carrying the message."""
+        raise ToolError(message)
+
+    @server.tool()
+    async def flaky(fail_rate: float) -> str:
+        """Fail transiently (a JSON-RPC internal error) with probability fail_rate."""
+        if random.random() < fail_rate:
+            raise MCPError(TRANSIENT_ERROR_CODE, f"transient failure (fail_rate={fail_rate})")
+        return "ok"
+
+    return server
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="toolswarm-demo-server", description=__doc__)
+    parser.add_argument("--transport", choices=["stdio", "http", "sse"], default="stdio")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8765)
+    args = parser.parse_args(argv)
+    server = build_server()
+    if args.transport == "stdio":
+        server.run("stdio")
+    elif args.transport == "http":
+        server.run("streamable-http", host=args.host, port=args.port)
+    else:
+        server.run("sse", host=args.host, port=args.port)
+
+
+if __name__ == "__main__":
+    main()
