@@ -1,0 +1,120 @@
+"""What the CLI commands do, as plain functions: settings in, models out."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from cli import display
+from shared.embedded import redis_url
+from shared.jobs import Submitted, cancel_job, read_items_file, resolve_items, submit_job
+from shared.keys import Keys
+from shared.models import JobSpec, JobStatus, ResultRecord
+from shared.settings import Settings
+from shared.store import JobStore, connect, ping
+
+WATCH_BLOCK_MS = 500
+
+
+@asynccontextmanager
+async def open_store(settings: Settings) -> AsyncIterator[JobStore]:
+    url = redis_url(settings)
+    client = connect(url, socket_connect_timeout=5)
+    try:
+        await ping(client, url)
+        yield JobStore(client, Keys(settings.namespace), settings.global_events_maxlen)
+    finally:
+        await client.aclose()
+
+
+def submit(
+    settings: Settings,
+    items_file: Path,
+    *,
+    server: str | None = None,
+    tool: str | None = None,
+    idempotency_key: str | None = None,
+    chunk_size: int | None = None,
+) -> Submitted:
+    items = read_items_file(items_file, default_server=server, default_tool=tool)
+    spec = JobSpec(
+        items=items, server=server, tool=tool, idempotency_key=idempotency_key, chunk_size=chunk_size
+    )
+    resolve_items(spec, settings)  # refuse bad input before touching Redis or the broker
+
+    async def go() -> Submitted:
+        from workers.app import CeleryEnqueuer, create_app
+
+        async with open_store(settings) as store:
+            enqueuer = CeleryEnqueuer(create_app(settings), store.keys)
+            return await submit_job(spec, settings, store, enqueuer)
+
+    return asyncio.run(go())
+
+
+def status(settings: Settings, job_id: str) -> JobStatus:
+    async def go() -> JobStatus:
+        async with open_store(settings) as store:
+            return await store.status(job_id)
+
+    return asyncio.run(go())
+
+
+def cancel(settings: Settings, job_id: str) -> JobStatus:
+    async def go() -> JobStatus:
+        async with open_store(settings) as store:
+            return await cancel_job(store, job_id)
+
+    return asyncio.run(go())
+
+
+def results(settings: Settings, job_id: str, status_filter: str | None = None) -> Iterator[ResultRecord]:
+    async def go() -> list[ResultRecord]:
+        async with open_store(settings) as store:
+            return [r async for r in store.results(job_id) if status_filter in (None, r.status)]
+
+    yield from asyncio.run(go())
+
+
+async def watch_job(store: JobStore, job_id: str, console: Console) -> JobStatus:
+    """Follow the job's event stream, redrawing the progress bar on each batch, until it finishes."""
+    job = await store.status(job_id)
+    started = time.monotonic()
+    with display.job_progress(console) as progress:
+        bar = progress.add_task(f"job {job_id}", total=job.total, **display.progress_fields(job, 0.0))
+        last_event = "$"
+        while True:
+            progress.update(
+                bar, completed=job.settled, **display.progress_fields(job, time.monotonic() - started)
+            )
+            if job.done:
+                return job
+            events = await store.wait_for_events(job_id, last_event, WATCH_BLOCK_MS)
+            if events:
+                last_event = events[-1][0]
+            job = await store.status(job_id)
+
+
+def watch(settings: Settings, job_id: str, console: Console) -> JobStatus:
+    async def go() -> JobStatus:
+        async with open_store(settings) as store:
+            return await watch_job(store, job_id, console)
+
+    return asyncio.run(go())
+
+
+def live_workers(settings: Settings) -> list[dict[str, Any]]:
+    async def go() -> list[dict[str, Any]]:
+        async with open_store(settings) as store:
+            keys = [key async for key in store.client.scan_iter(match=store.keys.workers_pattern)]
+            raws = await store.client.mget(keys) if keys else []
+            return [json.loads(raw) for raw in raws if raw]
+
+    return asyncio.run(go())

@@ -1,0 +1,69 @@
+"""Rich rendering of jobs, progress and servers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from shared.models import JobStatus
+from shared.settings import Settings
+
+
+def job_progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("[green]{task.fields[succeeded]} ok[/green] [red]{task.fields[failed]} failed[/red]"),
+        TextColumn("{task.fields[rate]:.0f} items/s"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+def progress_fields(job: JobStatus, elapsed_s: float) -> dict[str, Any]:
+    return {
+        "succeeded": job.succeeded,
+        "failed": job.failed,
+        "rate": job.settled / elapsed_s if elapsed_s > 0 else 0.0,
+    }
+
+
+def print_status(console: Console, job: JobStatus) -> None:
+    table = Table(title=f"job {job.job_id}", show_header=False)
+    for name in ("state", "total", "succeeded", "failed", "cancelled", "running", "pending"):
+        table.add_row(name, str(getattr(job, name)))
+    table.add_row("servers", ", ".join(job.servers))
+    console.print(table)
+
+
+def print_summary(console: Console, job: JobStatus) -> None:
+    elapsed = ((job.finished_at_ms or job.created_at_ms) - job.created_at_ms) / 1000
+    rate = job.settled / elapsed if elapsed > 0 else 0.0
+    console.print(
+        f"job {job.job_id} {job.state}: [green]{job.succeeded} succeeded[/green], "
+        f"[red]{job.failed} failed[/red], {job.cancelled} cancelled, {job.total} total "
+        f"in {elapsed:.2f}s ({rate:.0f} items/s)"
+    )
+
+
+def print_servers(console: Console, settings: Settings, workers: list[dict[str, Any]]) -> None:
+    table = Table(title="servers")
+    for column in ("name", "transport", "endpoint", "max_concurrency", "timeout_s", "pool_size"):
+        table.add_column(column)
+    for name, server in sorted(settings.servers.items()):
+        endpoint = server.url or " ".join([server.command or "", *server.args])
+        table.add_row(
+            name,
+            server.transport,
+            endpoint,
+            str(server.max_concurrency),
+            str(server.timeout_s),
+            str(server.pool_size),
+        )
+    console.print(table)
+    console.print(f"{len(workers)} live worker process(es): " + ", ".join(w["worker"] for w in workers))

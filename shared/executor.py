@@ -1,0 +1,170 @@
+"""Run one chunk of items: claim → call (with retries) → classify → commit, all on one event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
+
+from shared.errors import RetriesExhausted, ToolFailed, ToolswarmError, TransientError, UnknownTool
+from shared.mcp_client import ToolCaller
+from shared.models import CallResult, Chunk, ChunkReport, ItemError, ResultRecord, item_id
+from shared.settings import RetryPolicy, Settings
+from shared.store import Claim, JobStore, Settlement, now_ms
+
+UNKNOWN_TOOL_PREFIX = "Unknown tool:"
+
+
+def retrying(policy: RetryPolicy) -> AsyncRetrying:
+    return AsyncRetrying(
+        stop=stop_after_attempt(policy.attempts),
+        wait=wait_exponential_jitter(
+            initial=policy.initial_backoff_s, max=policy.max_backoff_s, jitter=policy.jitter_s
+        ),
+        retry=retry_if_exception_type(TransientError),
+        reraise=True,
+    )
+
+
+def error_of(exc: ToolswarmError, attempts: int, policy: RetryPolicy) -> ItemError:
+    if isinstance(exc, TransientError) and attempts >= policy.attempts:
+        exhausted = RetriesExhausted(f"gave up after {attempts} attempts: {exc.message}")
+        return ItemError(type=exhausted.error_type, message=exhausted.message, step="call", retryable=True)
+    return ItemError(type=exc.error_type, message=exc.message, step="call", retryable=exc.retryable)
+
+
+def tool_error_of(result: CallResult, tool: str) -> ToolswarmError:
+    text = result.text()
+    if text.startswith(UNKNOWN_TOOL_PREFIX):
+        return UnknownTool(f"unknown tool {tool!r}")
+    return ToolFailed(text or f"tool {tool!r} reported an error")
+
+
+class BatchCommitter:
+    """Coalesces commits from many concurrent items into one script call per job per round trip.
+
+    The first commit starts a flush at once; commits that arrive while it is in flight ride the
+    next one. Latency stays at one round trip when idle, and batches grow under load.
+    """
+
+    def __init__(self, store: JobStore, max_batch: int = 256) -> None:
+        self.store = store
+        self.max_batch = max_batch
+        self._pending: list[tuple[str, Settlement, asyncio.Future[bool]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def commit(self, job_id: str, settlement: Settlement) -> bool:
+        """Commit one result; True if it landed, False if refused (already settled or stale epoch)."""
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._pending.append((job_id, settlement, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+            by_job: dict[str, list[tuple[Settlement, asyncio.Future[bool]]]] = defaultdict(list)
+            for job_id, settlement, future in batch:
+                by_job[job_id].append((settlement, future))
+            for job_id, entries in by_job.items():
+                await self._commit_job(job_id, entries)
+
+    async def _commit_job(self, job_id: str, entries: list[tuple[Settlement, asyncio.Future[bool]]]) -> None:
+        try:
+            outcome = await self.store.commit(job_id, [s for s, _ in entries])
+        except BaseException as exc:
+            for _, future in entries:
+                if not future.done():
+                    future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (_, future), landed in zip(entries, outcome.landed, strict=True):
+            if not future.done():
+                future.set_result(landed)
+
+
+@dataclass
+class ExecutionContext:
+    """What a worker process hands the executor: its store, its MCP pool, its committer."""
+
+    settings: Settings
+    store: JobStore
+    caller: ToolCaller
+    committer: BatchCommitter
+    worker_id: str
+    limits: dict[str, asyncio.Semaphore] = field(default_factory=dict)
+
+    def limit(self, server: str) -> asyncio.Semaphore:
+        semaphore = self.limits.get(server)
+        if semaphore is None:
+            config = self.settings.server(server)
+            size = min(config.max_concurrency, self.settings.worker.calls_in_flight)
+            semaphore = self.limits[server] = asyncio.Semaphore(size)
+        return semaphore
+
+
+async def call_item(ctx: ExecutionContext, job_id: str, claim: Claim) -> ResultRecord:
+    """Call one item's tool with retries and turn whatever happens into its result record."""
+    spec = claim.spec
+    server = spec.server or ""
+    config = ctx.settings.server(server)
+    started = time.perf_counter()
+    attempts = 0
+    result: CallResult | None = None
+    error: ItemError | None = None
+    try:
+        async for attempt in retrying(config.retry):
+            with attempt:
+                attempts += 1
+                async with ctx.limit(server):
+                    result = await ctx.caller.call(server, spec.tool, spec.arguments, config.timeout_s)
+        assert result is not None
+        if result.is_error:
+            failure = tool_error_of(result, spec.tool)
+            error = ItemError(type=failure.error_type, message=failure.message, step="call", retryable=False)
+    except ToolswarmError as exc:
+        error = error_of(exc, attempts, config.retry)
+    return ResultRecord(
+        item_id=item_id(job_id, claim.index),
+        job_id=job_id,
+        index=claim.index,
+        tool=spec.tool,
+        server=server,
+        key=spec.key,
+        status="failed" if error else "succeeded",
+        attempts=attempts,
+        result=result,
+        error=error,
+        worker=ctx.worker_id,
+        duration_ms=round((time.perf_counter() - started) * 1000, 3),
+        finished_at_ms=now_ms(),
+    )
+
+
+async def run_item(ctx: ExecutionContext, job_id: str, claim: Claim) -> tuple[ResultRecord, bool]:
+    record = await call_item(ctx, job_id, claim)
+    landed = await ctx.committer.commit(job_id, Settlement(record=record, epoch=claim.epoch))
+    return record, landed
+
+
+async def execute_chunk(ctx: ExecutionContext, chunk: Chunk) -> ChunkReport:
+    """Run every unsettled item of the chunk concurrently; return what happened."""
+    claims: Sequence[Claim] = await ctx.store.claim(chunk.job_id, chunk.items, ctx.worker_id)
+    outcomes = await asyncio.gather(*(run_item(ctx, chunk.job_id, claim) for claim in claims))
+    committed = [record for record, landed in outcomes if landed]
+    return ChunkReport(
+        job_id=chunk.job_id,
+        server=chunk.server,
+        claimed=len(claims),
+        skipped=len(chunk.items) - len(claims),
+        committed=len(committed),
+        refused=len(outcomes) - len(committed),
+        succeeded=sum(1 for r in committed if r.status == "succeeded"),
+        failed=sum(1 for r in committed if r.status == "failed"),
+    )

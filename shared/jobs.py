@@ -1,0 +1,168 @@
+"""Submit, cancel and read jobs: the one implementation behind the CLI, the API and the gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from pydantic import ValidationError
+
+from shared.errors import JobSpecError
+from shared.models import Chunk, ItemSpec, JobSpec, JobStatus, ResultRecord, item_id
+from shared.settings import Settings, describe_validation_error
+from shared.store import JobStore, Settlement, now_ms
+
+MAX_REPORTED_ERRORS = 20
+CANCEL_BATCH = 1000
+
+
+class Enqueuer(Protocol):
+    """Puts chunks on the servers' queues (implemented with Celery in workers/)."""
+
+    def check(self) -> None:
+        """Raise RedisUnavailable when the broker cannot be reached."""
+
+    def enqueue(self, chunks: Sequence[Chunk]) -> None: ...
+
+
+@dataclass(frozen=True)
+class Submitted:
+    job_id: str
+    total: int
+    chunks: int
+    existing: bool = False
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def parse_items_lines(
+    lines: Iterable[str], *, default_server: str | None = None, default_tool: str | None = None
+) -> list[ItemSpec]:
+    """Parse JSON Lines into items, filling in defaults; every bad line is reported with its number."""
+    items: list[ItemSpec] = []
+    errors: list[str] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            raw = json.loads(line)
+        except json.JSONDecodeError as exc:
+            errors.append(f"line {number}: invalid JSON: {exc.msg} (column {exc.colno})")
+            continue
+        if not isinstance(raw, dict):
+            errors.append(f"line {number}: expected a JSON object, got {type(raw).__name__}")
+            continue
+        if default_tool and "tool" not in raw:
+            raw["tool"] = default_tool
+        if default_server and raw.get("server") is None:
+            raw["server"] = default_server
+        try:
+            items.append(ItemSpec.model_validate(raw))
+        except ValidationError as exc:
+            errors.append(f"line {number}: {describe_validation_error(exc)}")
+    if errors:
+        raise JobSpecError(_summarise(errors))
+    if not items:
+        raise JobSpecError("no items: the items file is empty")
+    return items
+
+
+def read_items_file(path: str | Path, **defaults: str | None) -> list[ItemSpec]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise JobSpecError(f"items file {path} does not exist") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        raise JobSpecError(f"cannot read items file {path}: {exc}") from None
+    return parse_items_lines(text.splitlines(), **defaults)
+
+
+def resolve_items(spec: JobSpec, settings: Settings) -> list[ItemSpec]:
+    """Give every item its server and tool, checking servers against the registry (an allow-list)."""
+    resolved: list[ItemSpec] = []
+    errors: list[str] = []
+    for number, item in enumerate(spec.items, start=1):
+        server = item.server or spec.server
+        if not server:
+            errors.append(f"item {number}: no server (name one on the item or for the whole job)")
+            continue
+        if server not in settings.servers:
+            known = ", ".join(sorted(settings.servers)) or "none configured"
+            errors.append(f"item {number}: unknown server {server!r} (known: {known})")
+            continue
+        resolved.append(item.model_copy(update={"server": server}))
+    if errors:
+        raise JobSpecError(_summarise(errors))
+    return resolved
+
+
+def plan_chunks(job_id: str, items: Sequence[ItemSpec], chunk_size: int) -> list[Chunk]:
+    """Group item indexes by server, then cut each group into chunks of ``chunk_size``."""
+    by_server: dict[str, list[int]] = defaultdict(list)
+    for index, item in enumerate(items):
+        by_server[item.server or ""].append(index)
+    return [
+        Chunk(job_id=job_id, server=server, items=indexes[start : start + chunk_size])
+        for server, indexes in by_server.items()
+        for start in range(0, len(indexes), chunk_size)
+    ]
+
+
+async def submit_job(spec: JobSpec, settings: Settings, store: JobStore, enqueuer: Enqueuer) -> Submitted:
+    """Validate, record and enqueue a job. Nothing is written or enqueued unless all of it is valid."""
+    items = resolve_items(spec, settings)
+    job_id = new_job_id()
+    if spec.idempotency_key:
+        bound = await store.reserve_idempotency_key(spec.idempotency_key, job_id)
+        if bound != job_id:
+            status = await store.status(bound)
+            return Submitted(job_id=bound, total=status.total, chunks=0, existing=True)
+    await asyncio.to_thread(enqueuer.check)
+    await store.create_job(job_id, items, (item.server or "" for item in items))
+    chunks = plan_chunks(job_id, items, spec.chunk_size or settings.worker.chunk_size)
+    await asyncio.to_thread(enqueuer.enqueue, chunks)
+    return Submitted(job_id=job_id, total=len(items), chunks=len(chunks))
+
+
+async def cancel_job(store: JobStore, job_id: str) -> JobStatus:
+    """Stop a job: no item starts after this, and every unsettled item settles as cancelled."""
+    await store.request_cancel(job_id)
+    status = await store.status(job_id)
+    for start in range(0, status.total, CANCEL_BATCH):
+        indexes = await store.unsettled(job_id, range(start, min(start + CANCEL_BATCH, status.total)))
+        if not indexes:
+            continue
+        specs = await store.item_specs(job_id, indexes)
+        finished = now_ms()
+        settlements = [
+            Settlement(
+                record=ResultRecord(
+                    item_id=item_id(job_id, index),
+                    job_id=job_id,
+                    index=index,
+                    tool=spec.tool,
+                    server=spec.server or "",
+                    key=spec.key,
+                    status="cancelled",
+                    finished_at_ms=finished,
+                ),
+                epoch=0,
+            )
+            for index, spec in specs.items()
+        ]
+        await store.commit(job_id, settlements, force=True)
+    return await store.status(job_id)
+
+
+def _summarise(errors: list[str]) -> str:
+    shown = errors[:MAX_REPORTED_ERRORS]
+    more = len(errors) - len(shown)
+    return "; ".join(shown) + (f"; and {more} more" if more else "")

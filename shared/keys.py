@@ -1,0 +1,71 @@
+"""Every Redis key toolswarm uses, under one namespace.
+
+A job's keys share the hash tag ``{job_id}`` so that, on a cluster, they live on one slot and
+one Lua script can touch them all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class JobKeys:
+    """The keys of one job."""
+
+    meta: str  # hash: spec fields, counters (succeeded/failed/cancelled), state, timestamps
+    items: str  # hash: index -> item spec (JSON)
+    results: str  # hash: index -> result record (JSON); a field here means "settled"
+    epochs: str  # hash: index -> fencing epoch, bumped on every claim
+    running: str  # hash: index -> worker currently holding the item
+    events: str  # stream: this job's item and job events
+    notify: str  # pub/sub channel: a nudge per committed batch, for low-latency watchers
+
+    def all(self) -> list[str]:
+        return [self.meta, self.items, self.results, self.epochs, self.running, self.events]
+
+
+@dataclass(frozen=True)
+class Keys:
+    namespace: str = "toolswarm"
+
+    @property
+    def prefix(self) -> str:
+        return f"{self.namespace}:"
+
+    def job(self, job_id: str) -> JobKeys:
+        base = f"{self.prefix}job:{{{job_id}}}"
+        return JobKeys(
+            meta=base,
+            items=f"{base}:items",
+            results=f"{base}:results",
+            epochs=f"{base}:epochs",
+            running=f"{base}:running",
+            events=f"{base}:events",
+            notify=f"{base}:notify",
+        )
+
+    @property
+    def jobs(self) -> str:
+        """Sorted set of job ids by creation time (ms)."""
+        return f"{self.prefix}jobs"
+
+    @property
+    def events(self) -> str:
+        """Global stream of item and job events, capped in length."""
+        return f"{self.prefix}events"
+
+    def idempotency(self, key: str) -> str:
+        return f"{self.prefix}idem:{key}"
+
+    def worker(self, worker_id: str) -> str:
+        """Liveness record of one worker process (expires unless renewed)."""
+        return f"{self.prefix}worker:{worker_id}"
+
+    @property
+    def workers_pattern(self) -> str:
+        return f"{self.prefix}worker:*"
+
+    def queue(self, server: str) -> str:
+        """The Celery queue carrying chunks for one MCP server."""
+        return f"{self.namespace}.{server}"

@@ -1,0 +1,32 @@
+-- Claim items of one job for a worker, skipping settled ones.
+-- Each claim bumps the item's fencing epoch; only a commit carrying the newest epoch lands.
+-- KEYS: meta, items, results, epochs, running
+-- ARGV: worker, index...
+-- Returns a flat list {index, epoch, item_json, ...}; {-1} when the job does not exist.
+local meta, items, results, epochs, running = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local state = redis.call('HGET', meta, 'state')
+if not state then
+  return {-1}
+end
+if state == 'finished' or state == 'cancelled' or redis.call('HGET', meta, 'cancel_requested') then
+  return {}
+end
+if state == 'pending' then
+  local now = redis.call('TIME')
+  redis.call('HSET', meta, 'state', 'running', 'started_at_ms', now[1] * 1000 + math.floor(now[2] / 1000))
+end
+local claimed = {}
+for i = 2, #ARGV do
+  local index = ARGV[i]
+  if redis.call('HEXISTS', results, index) == 0 then
+    local spec = redis.call('HGET', items, index)
+    if spec then
+      local epoch = redis.call('HINCRBY', epochs, index, 1)
+      redis.call('HSET', running, index, ARGV[1])
+      claimed[#claimed + 1] = index
+      claimed[#claimed + 1] = epoch
+      claimed[#claimed + 1] = spec
+    end
+  end
+end
+return claimed

@@ -1,0 +1,117 @@
+"""Pydantic models at every boundary: items in, result records and job views out."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ItemStatus = Literal["succeeded", "failed", "cancelled"]
+JobState = Literal["pending", "running", "finished", "cancelled"]
+StateMode = Literal["cas", "log"]
+
+
+class ItemSpec(BaseModel):
+    """One line of an items file: a tool call."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tool: str = Field(min_length=1)
+    arguments: dict[str, Any] = Field(default_factory=dict)
+    server: str | None = None
+    key: str | None = None
+
+
+class JobSpec(BaseModel):
+    """What a caller submits. ``server`` and ``tool`` fill in items that omit them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[ItemSpec] = Field(min_length=1)
+    server: str | None = None
+    tool: str | None = None
+    idempotency_key: str | None = None
+    chunk_size: int | None = Field(default=None, ge=1, le=10_000)
+
+
+class CallResult(BaseModel):
+    """What the MCP server returned for one call."""
+
+    content: list[dict[str, Any]] = Field(default_factory=list)
+    structured_content: dict[str, Any] | None = None
+    is_error: bool = False
+
+    def text(self) -> str:
+        return "\n".join(str(block.get("text", "")) for block in self.content if block.get("type") == "text")
+
+
+class ItemError(BaseModel):
+    type: str
+    message: str
+    step: str | None = None
+    retryable: bool = False
+
+
+class ResultRecord(BaseModel):
+    """The one result record every item ends with."""
+
+    item_id: str
+    job_id: str
+    index: int
+    tool: str
+    server: str
+    key: str | None = None
+    status: ItemStatus
+    attempts: int = 0
+    result: CallResult | None = None
+    error: ItemError | None = None
+    worker: str | None = None
+    duration_ms: float = 0.0
+    finished_at_ms: int = 0
+
+
+class JobStatus(BaseModel):
+    job_id: str
+    state: JobState
+    total: int
+    succeeded: int
+    failed: int
+    cancelled: int
+    running: int
+    pending: int
+    created_at_ms: int
+    finished_at_ms: int | None = None
+    servers: list[str] = Field(default_factory=list)
+
+    @property
+    def settled(self) -> int:
+        return self.succeeded + self.failed + self.cancelled
+
+    @property
+    def done(self) -> bool:
+        return self.state in ("finished", "cancelled")
+
+
+class Chunk(BaseModel):
+    """What one Celery message carries: a job, a server, and item indexes."""
+
+    job_id: str
+    server: str
+    items: list[int] = Field(min_length=1)
+
+
+class ChunkReport(BaseModel):
+    """What running a chunk did, returned by the task for Flower and logs."""
+
+    job_id: str
+    server: str
+    claimed: int
+    skipped: int
+    committed: int
+    refused: int
+    succeeded: int
+    failed: int
+
+
+def item_id(job_id: str, index: int) -> str:
+    return f"{job_id}:{index}"

@@ -1,0 +1,153 @@
+"""Typed settings: ``toolswarm.toml`` overlaid by ``TOOLSWARM_*`` environment variables.
+
+Precedence, highest first: environment (``TOOLSWARM_REDIS_URL``, ``TOOLSWARM_BROKER_URL``,
+``TOOLSWARM_API_TOKEN``, ``TOOLSWARM_WORKER__CHUNK_SIZE`` ...), the config file, defaults.
+The config file is ``--config PATH``, else ``$TOOLSWARM_CONFIG``, else ``./toolswarm.toml``
+when it exists. A bad value fails at start with its key and the reason (:class:`ConfigError`).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from shared.errors import ConfigError
+
+CONFIG_ENV = "TOOLSWARM_CONFIG"
+DEFAULT_CONFIG_FILE = "toolswarm.toml"
+
+Transport = Literal["stdio", "http", "sse"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RetryPolicy(_Strict):
+    """How transient failures of one call are retried: exponential backoff with jitter."""
+
+    attempts: int = Field(default=4, ge=1, le=100)
+    initial_backoff_s: float = Field(default=0.1, ge=0)
+    max_backoff_s: float = Field(default=5.0, ge=0)
+    jitter_s: float = Field(default=0.1, ge=0)
+
+
+class ServerConfig(_Strict):
+    """One MCP server of the registry. Callers name servers; only the config holds commands and URLs."""
+
+    transport: Transport
+    command: str | None = None
+    args: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+    cwd: str | None = None
+    url: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    max_concurrency: int = Field(default=16, ge=1)
+    timeout_s: float = Field(default=30.0, gt=0)
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+    pool_size: int = Field(default=2, ge=1, le=64)
+    retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    # JSON-RPC error codes that mean "try again": request timeout, internal error, generic server error.
+    transient_error_codes: list[int] = Field(default_factory=lambda: [-32001, -32603, -32000])
+
+    @model_validator(mode="after")
+    def _endpoint_matches_transport(self) -> ServerConfig:
+        if self.transport == "stdio":
+            if not self.command:
+                raise ValueError("a stdio server needs 'command'")
+            if self.url:
+                raise ValueError("a stdio server takes 'command', not 'url'")
+        else:
+            if not self.url:
+                raise ValueError(f"a {self.transport} server needs 'url'")
+            if self.command:
+                raise ValueError(f"a {self.transport} server takes 'url', not 'command'")
+        return self
+
+
+class WorkerSettings(_Strict):
+    """How each worker process runs its share of the work."""
+
+    chunk_size: int = Field(default=25, ge=1, le=10_000)
+    chunks_in_flight: int = Field(default=4, ge=1, le=64)
+    calls_in_flight: int = Field(default=32, ge=1, le=4096)
+    commit_batch_size: int = Field(default=256, ge=1, le=10_000)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="TOOLSWARM_",
+        env_nested_delimiter="__",
+        extra="forbid",
+    )
+
+    redis_url: str | None = None
+    broker_url: str | None = None
+    namespace: str = Field(default="toolswarm", pattern=r"^[A-Za-z0-9_.\-]+$")
+    api_token: SecretStr | None = None
+    global_events_maxlen: int = Field(default=100_000, ge=100)
+    state_dir: str = ".toolswarm"
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    servers: dict[str, ServerConfig] = Field(default_factory=dict)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file's values arrive as init kwargs; the environment must override them.
+        return (env_settings, init_settings)
+
+    def server(self, name: str) -> ServerConfig:
+        try:
+            return self.servers[name]
+        except KeyError:
+            known = ", ".join(sorted(self.servers)) or "none configured"
+            raise ConfigError(f"unknown server {name!r} (known: {known})") from None
+
+
+def config_path(explicit: str | Path | None = None) -> Path | None:
+    """The config file to read, or None when there is none (defaults and environment only)."""
+    if explicit:
+        return Path(explicit)
+    from_env = os.environ.get(CONFIG_ENV)
+    if from_env:
+        return Path(from_env)
+    default = Path(DEFAULT_CONFIG_FILE)
+    return default if default.is_file() else None
+
+
+def load_settings(path: str | Path | None = None) -> Settings:
+    """Read the config file (if any) and the environment into :class:`Settings`."""
+    resolved = config_path(path)
+    data: dict[str, Any] = {}
+    if resolved is not None:
+        try:
+            data = tomllib.loads(resolved.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {resolved} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {resolved}: invalid TOML: {exc}") from None
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        where = f"config file {resolved}" if resolved else "configuration"
+        raise ConfigError(f"{where}: {describe_validation_error(exc)}") from None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line per problem, each as ``dotted.key: reason``."""
+    problems = []
+    for error in exc.errors():
+        location = ".".join(str(part) for part in error["loc"]) or "(root)"
+        problems.append(f"{location}: {error['msg']}")
+    return "; ".join(problems)

@@ -1,0 +1,231 @@
+"""The job store: every read and write of job state in Redis, with Lua where writes must be atomic."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from shared.errors import JobNotFound, RedisUnavailable
+from shared.keys import JobKeys, Keys
+from shared.models import ItemSpec, JobState, JobStatus, ResultRecord
+
+WRITE_BATCH = 1000
+
+
+def load_lua(name: str) -> str:
+    return resources.files("shared.lua").joinpath(f"{name}.lua").read_text(encoding="utf-8")
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def connect(url: str, **kwargs: Any) -> aioredis.Redis:
+    """An async Redis client with replies decoded to str. Connects lazily."""
+    return aioredis.Redis.from_url(url, decode_responses=True, **kwargs)
+
+
+async def ping(client: aioredis.Redis, url: str) -> None:
+    """Raise :class:`RedisUnavailable` naming the URL when Redis cannot be reached."""
+    try:
+        await client.ping()
+    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        raise RedisUnavailable(f"cannot reach Redis at {url}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class Claim:
+    """An item a worker now holds, under a fencing epoch."""
+
+    index: int
+    epoch: int
+    spec: ItemSpec
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """A result to commit for an item claimed under ``epoch``."""
+
+    record: ResultRecord
+    epoch: int
+
+
+@dataclass(frozen=True)
+class CommitOutcome:
+    committed: int
+    refused: int
+    job_finished: bool
+    landed: list[bool]
+
+
+class JobStore:
+    def __init__(self, client: aioredis.Redis, keys: Keys, global_events_maxlen: int = 100_000) -> None:
+        # redis-py's annotations cannot express decode_responses=True (every reply is str): use Any.
+        self.client: Any = client
+        self.keys = keys
+        self.global_events_maxlen = global_events_maxlen
+        self._claim = client.register_script(load_lua("claim"))
+        self._commit = client.register_script(load_lua("commit"))
+
+    # --- submit side -------------------------------------------------------------------------
+
+    async def reserve_idempotency_key(self, key: str, job_id: str) -> str:
+        """Bind ``key`` to ``job_id`` unless it is bound already; return the job it is bound to."""
+        idem = self.keys.idempotency(key)
+        if await self.client.set(idem, job_id, nx=True):
+            return job_id
+        existing = await self.client.get(idem)
+        return existing or job_id
+
+    async def create_job(self, job_id: str, items: Sequence[ItemSpec], servers: Iterable[str]) -> None:
+        """Write the job record and its items in pipelined batches, then make it visible."""
+        jk = self.keys.job(job_id)
+        for start in range(0, len(items), WRITE_BATCH):
+            batch = items[start : start + WRITE_BATCH]
+            mapping = {
+                str(start + offset): item.model_dump_json(exclude_none=True)
+                for offset, item in enumerate(batch)
+            }
+            await self.client.hset(jk.items, mapping=mapping)
+        created = now_ms()
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.hset(
+                jk.meta,
+                mapping={
+                    "job_id": job_id,
+                    "total": len(items),
+                    "succeeded": 0,
+                    "failed": 0,
+                    "cancelled": 0,
+                    "state": "pending",
+                    "created_at_ms": created,
+                    "servers": ",".join(sorted(set(servers))),
+                },
+            )
+            pipe.zadd(self.keys.jobs, {job_id: created})
+            await pipe.execute()
+
+    # --- worker side -------------------------------------------------------------------------
+
+    async def claim(self, job_id: str, indexes: Sequence[int], worker: str) -> list[Claim]:
+        jk = self.keys.job(job_id)
+        reply = await self._claim(
+            keys=[jk.meta, jk.items, jk.results, jk.epochs, jk.running],
+            args=[worker, *indexes],
+        )
+        if reply == [-1]:
+            raise JobNotFound(f"job {job_id} does not exist")
+        return [
+            Claim(
+                index=int(reply[i]), epoch=int(reply[i + 1]), spec=ItemSpec.model_validate_json(reply[i + 2])
+            )
+            for i in range(0, len(reply), 3)
+        ]
+
+    async def commit(
+        self, job_id: str, settlements: Sequence[Settlement], *, force: bool = False
+    ) -> CommitOutcome:
+        """Commit results of one job in one script call (see commit.lua for the rules)."""
+        jk = self.keys.job(job_id)
+        args: list[Any] = [job_id, self.global_events_maxlen, "1" if force else "0"]
+        for s in settlements:
+            args += [s.record.index, s.epoch, s.record.status, s.record.model_dump_json(exclude_none=True)]
+        committed, refused, finished, landed = await self._commit(keys=self._commit_keys(jk), args=args)
+        return CommitOutcome(
+            committed=int(committed),
+            refused=int(refused),
+            job_finished=bool(finished),
+            landed=[flag == "1" for flag in landed],
+        )
+
+    def _commit_keys(self, jk: JobKeys) -> list[str]:
+        return [jk.meta, jk.results, jk.epochs, jk.running, jk.events, self.keys.events, jk.notify]
+
+    # --- read side ---------------------------------------------------------------------------
+
+    async def status(self, job_id: str) -> JobStatus:
+        jk = self.keys.job(job_id)
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.hgetall(jk.meta)
+            pipe.hlen(jk.running)
+            meta, running = await pipe.execute()
+        if not meta:
+            raise JobNotFound(f"job {job_id} does not exist")
+        total = int(meta["total"])
+        succeeded, failed, cancelled = (int(meta.get(f, 0)) for f in ("succeeded", "failed", "cancelled"))
+        settled = succeeded + failed + cancelled
+        state: JobState = meta["state"]
+        running = 0 if state in ("finished", "cancelled") else min(int(running), total - settled)
+        return JobStatus(
+            job_id=job_id,
+            state=state,
+            total=total,
+            succeeded=succeeded,
+            failed=failed,
+            cancelled=cancelled,
+            running=running,
+            pending=total - settled - running,
+            created_at_ms=int(meta["created_at_ms"]),
+            finished_at_ms=int(meta["finished_at_ms"]) if "finished_at_ms" in meta else None,
+            servers=[s for s in meta.get("servers", "").split(",") if s],
+        )
+
+    async def results(self, job_id: str, batch: int = WRITE_BATCH) -> AsyncIterator[ResultRecord]:
+        """Settled result records in item order."""
+        status = await self.status(job_id)
+        jk = self.keys.job(job_id)
+        for start in range(0, status.total, batch):
+            fields = [str(i) for i in range(start, min(start + batch, status.total))]
+            for raw in await self.client.hmget(jk.results, fields):
+                if raw is not None:
+                    yield ResultRecord.model_validate_json(raw)
+
+    async def item_specs(self, job_id: str, indexes: Sequence[int]) -> dict[int, ItemSpec]:
+        jk = self.keys.job(job_id)
+        raws = await self.client.hmget(jk.items, [str(i) for i in indexes])
+        return {i: ItemSpec.model_validate_json(raw) for i, raw in zip(indexes, raws, strict=True) if raw}
+
+    async def unsettled(self, job_id: str, indexes: Sequence[int]) -> list[int]:
+        jk = self.keys.job(job_id)
+        flags = await self.client.hmget(jk.results, [str(i) for i in indexes])
+        return [i for i, raw in zip(indexes, flags, strict=True) if raw is None]
+
+    async def request_cancel(self, job_id: str) -> None:
+        jk = self.keys.job(job_id)
+        if not await self.client.exists(jk.meta):
+            raise JobNotFound(f"job {job_id} does not exist")
+        await self.client.hset(jk.meta, "cancel_requested", "1")
+
+    async def refused_commits(self, job_id: str) -> int:
+        return int(await self.client.hget(self.keys.job(job_id).meta, "refused_commits") or 0)
+
+    async def events(
+        self, job_id: str, after: str = "0", count: int = 1000
+    ) -> list[tuple[str, dict[str, str]]]:
+        reply = await self.client.xrange(
+            self.keys.job(job_id).events, min=f"({after}" if after != "0" else "-", count=count
+        )
+        return [(entry_id, fields) for entry_id, fields in reply]
+
+    async def wait_for_events(
+        self, job_id: str, after: str, block_ms: int
+    ) -> list[tuple[str, dict[str, str]]]:
+        reply = await self.client.xread({self.keys.job(job_id).events: after}, block=block_ms, count=10_000)
+        if not reply:
+            return []
+        return [(entry_id, fields) for entry_id, fields in reply[0][1]]
+
+    async def list_jobs(self, limit: int = 20) -> list[str]:
+        return list(await self.client.zrevrange(self.keys.jobs, 0, limit - 1))
+
+    async def delete_job(self, job_id: str) -> None:
+        jk = self.keys.job(job_id)
+        await self.client.delete(*jk.all())
+        await self.client.zrem(self.keys.jobs, job_id)

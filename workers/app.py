@@ -1,0 +1,119 @@
+"""The Celery app: built once by ``create_app()``, never at import time."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_init, worker_process_init, worker_process_shutdown, worker_shutdown
+
+from shared.errors import RedisUnavailable
+from shared.keys import Keys
+from shared.models import Chunk
+from shared.settings import Settings, load_settings
+from workers.runtime import WorkerRuntime
+
+log = logging.getLogger(__name__)
+
+RUN_CHUNK = "toolswarm.run_chunk"
+
+
+class RuntimeHolder:
+    """The worker runtime of this process, started by Celery's lifecycle signals."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.runtime: WorkerRuntime | None = None
+
+    def start(self) -> WorkerRuntime:
+        if self.runtime is None or self.runtime.pid != os.getpid():
+            self.runtime = WorkerRuntime(self.settings)
+            self.runtime.start()
+        return self.runtime
+
+    def stop(self) -> None:
+        if self.runtime is not None and self.runtime.pid == os.getpid():
+            self.runtime.stop()
+            self.runtime = None
+
+
+def create_app(settings: Settings | None = None) -> Celery:
+    settings = settings or load_settings()
+    app = Celery("toolswarm", set_as_current=True)
+    app.config_from_object("celeryconfig")
+    app.conf.include = ["tasks.chunks"]
+    holder = RuntimeHolder(settings)
+    app.toolswarm_runtime = holder  # type: ignore[attr-defined]
+
+    def _start_in_main_process(sender: Any = None, **_: Any) -> None:
+        pool = getattr(sender, "pool_cls", None)
+        if "prefork" not in str(getattr(pool, "__module__", pool)):
+            holder.start()
+
+    def _start_in_child(**_: Any) -> None:
+        holder.start()
+
+    def _stop(**_: Any) -> None:
+        holder.stop()
+
+    # weak=False: the receivers are closures that must live as long as the app.
+    worker_init.connect(_start_in_main_process, weak=False)
+    worker_process_init.connect(_start_in_child, weak=False)
+    worker_shutdown.connect(_stop, weak=False)
+    worker_process_shutdown.connect(_stop, weak=False)
+    return app
+
+
+def runtime_of(app: Celery) -> WorkerRuntime:
+    holder: RuntimeHolder = app.toolswarm_runtime  # type: ignore[attr-defined]
+    return holder.start()
+
+
+class CeleryEnqueuer:
+    """Sends chunks to their server's queue over one producer connection."""
+
+    def __init__(self, app: Celery, keys: Keys) -> None:
+        self.app = app
+        self.keys = keys
+
+    def check(self) -> None:
+        """Raise :class:`RedisUnavailable` unless the broker answers (before anything is written)."""
+        try:
+            with self.app.connection_for_write() as connection:
+                connection.ensure_connection(max_retries=1, timeout=5)
+        except Exception as exc:  # kombu wraps transport errors in many types
+            raise RedisUnavailable(f"cannot reach the broker at {self.app.conf.broker_url}: {exc}") from None
+
+    def enqueue(self, chunks: Sequence[Chunk]) -> None:
+        with self.app.producer_or_acquire() as producer:
+            for chunk in chunks:
+                self.app.send_task(
+                    RUN_CHUNK,
+                    kwargs=chunk.model_dump(),
+                    queue=self.keys.queue(chunk.server),
+                    producer=producer,
+                )
+
+
+def worker_argv(settings: Settings, *, hostname: str | None = None, loglevel: str = "INFO") -> list[str]:
+    """The ``celery worker`` arguments of a toolswarm worker process."""
+    keys = Keys(settings.namespace)
+    queues = (
+        ",".join(keys.queue(name) for name in sorted(settings.servers)) or f"{settings.namespace}.default"
+    )
+    argv = [
+        "worker",
+        "--pool=threads",
+        f"--concurrency={settings.worker.chunks_in_flight}",
+        f"--queues={queues}",
+        f"--loglevel={loglevel}",
+        "--without-gossip",
+        "--without-mingle",
+        "--task-events",
+    ]
+    if hostname:
+        argv.append(f"--hostname={hostname}")
+    return argv

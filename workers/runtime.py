@@ -1,0 +1,124 @@
+"""The per-process runtime of a worker: one long-lived event loop in a daemon thread.
+
+Celery has no asyncio and the MCP SDK is asyncio, so each worker process owns one loop that
+holds the MCP session pools, the async Redis client and the batch committer. Tasks (on any
+pool thread) hand it coroutines and block on the answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from shared.embedded import redis_url
+from shared.executor import BatchCommitter, ExecutionContext
+from shared.keys import Keys
+from shared.mcp_client import McpPool
+from shared.settings import Settings
+from shared.store import JobStore, connect
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+HEARTBEAT_INTERVAL_S = 2.0
+HEARTBEAT_TTL_S = 10
+# Set by `toolswarm up` and `toolswarm demo` for the workers they supervise.
+PARENT_PID_ENV = "TOOLSWARM_PARENT_PID"
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class WorkerRuntime:
+    def __init__(self, settings: Settings, worker_id: str | None = None) -> None:
+        self.settings = settings
+        self.worker_id = worker_id or default_worker_id()
+        self.pid = os.getpid()
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run_loop, name="toolswarm-loop", daemon=True)
+        self._context: ExecutionContext | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._pool: McpPool | None = None
+
+    @property
+    def context(self) -> ExecutionContext:
+        if self._context is None:
+            raise RuntimeError("worker runtime is not started")
+        return self._context
+
+    def _run_loop(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run a coroutine on the loop from any thread and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def start(self) -> None:
+        self._thread.start()
+        self.run(self._open(), timeout=30)
+        log.info("toolswarm worker runtime %s started", self.worker_id)
+
+    async def _open(self) -> None:
+        keys = Keys(self.settings.namespace)
+        client = connect(redis_url(self.settings), health_check_interval=10)
+        store = JobStore(client, keys, self.settings.global_events_maxlen)
+        self._pool = McpPool(self.settings.servers)
+        self._context = ExecutionContext(
+            settings=self.settings,
+            store=store,
+            caller=self._pool,
+            committer=BatchCommitter(store, self.settings.worker.commit_batch_size),
+            worker_id=self.worker_id,
+        )
+        self._heartbeat = asyncio.create_task(self._beat(), name="toolswarm-heartbeat")
+
+    async def _beat(self) -> None:
+        store = self.context.store
+        key = store.keys.worker(self.worker_id)
+        record = json.dumps({"worker": self.worker_id, "pid": self.pid, "started_at": time.time()})
+        parent = os.environ.get(PARENT_PID_ENV)
+        while True:
+            if parent and os.getppid() != int(parent):
+                # Whoever started us (toolswarm up / demo) is gone: do not linger as an orphan.
+                log.warning("parent process %s is gone; shutting down", parent)
+                os.kill(self.pid, signal.SIGTERM)
+                parent = None
+            try:
+                await store.client.set(key, record, ex=HEARTBEAT_TTL_S)
+            except Exception as exc:  # a heartbeat loop must outlive a Redis blip
+                log.warning("heartbeat failed: %s", exc)
+            await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+
+    async def _close(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            await asyncio.gather(self._heartbeat, return_exceptions=True)
+        if self._context is not None:
+            store = self._context.store
+            try:
+                await store.client.delete(store.keys.worker(self.worker_id))
+            except Exception as exc:  # shutting down: Redis may already be gone
+                log.debug("could not remove heartbeat: %s", exc)
+            await store.client.aclose()
+        if self._pool is not None:
+            await self._pool.close()
+
+    def stop(self) -> None:
+        if not self._thread.is_alive():
+            return
+        try:
+            self.run(self._close(), timeout=15)
+        except Exception as exc:  # best effort: the process is exiting anyway
+            log.warning("worker runtime did not close cleanly: %s", exc)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)
