@@ -1,0 +1,106 @@
+"""A real job: embedded Redis, two real worker processes, the demo MCP server over stdio and HTTP."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shared.models import ResultRecord
+from tests.harness import Cluster, http_demo, make_cluster, stdio_demo
+
+pytestmark = pytest.mark.integration
+
+ITEMS = 600
+
+
+def mixed_items(count: int) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = []
+    for i in range(count):
+        kind = i % 10
+        if kind < 5:
+            items.append({"tool": "echo", "arguments": {"text": f"item-{i}"}, "key": f"k{i}"})
+        elif kind < 7:
+            items.append({"tool": "add", "arguments": {"a": i, "b": 0.5}})
+        elif kind == 7:
+            items.append({"tool": "fail", "arguments": {"message": f"boom-{i}"}})
+        elif kind == 8:
+            items.append({"tool": "no_such_tool", "arguments": {}})
+        else:
+            items.append({"tool": "flaky", "arguments": {"fail_rate": 0.2}})
+    return items
+
+
+def run_job(cluster: Cluster, tmp_path: Path, items: list[dict[str, Any]]) -> tuple[str, list[ResultRecord]]:
+    items_file = tmp_path / "items.jsonl"
+    items_file.write_text("\n".join(json.dumps(i) for i in items) + "\n")
+    submitted = cluster.cli("submit", str(items_file), "--server", "demo", "--json")
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = json.loads(submitted.stdout)["job_id"]
+    status = cluster.wait_for_job(job_id)
+    assert status.state == "finished"
+    out = cluster.cli("results", job_id, "--json")
+    assert out.returncode == 0, out.stderr
+    return job_id, [ResultRecord.model_validate_json(line) for line in out.stdout.splitlines()]
+
+
+def check_results(
+    cluster: Cluster, job_id: str, items: list[dict[str, Any]], records: list[ResultRecord]
+) -> None:
+    assert sorted(r.index for r in records) == list(range(len(items))), "every item has exactly one result"
+    for record in records:
+        item = items[record.index]
+        assert record.tool == item["tool"]
+        if item["tool"] == "echo":
+            assert record.status == "succeeded"
+            assert record.result is not None and record.result.text() == item["arguments"]["text"]
+            assert record.key == item["key"]
+        elif item["tool"] == "add":
+            assert record.status == "succeeded"
+            assert record.result is not None
+            assert record.result.structured_content == {"result": item["arguments"]["a"] + 0.5}
+        elif item["tool"] == "fail":
+            assert record.status == "failed"
+            assert record.error is not None and record.error.type == "tool_error"
+            assert item["arguments"]["message"] in record.error.message
+            assert record.error.retryable is False
+        elif item["tool"] == "no_such_tool":
+            assert record.status == "failed"
+            assert record.error is not None and record.error.type == "unknown_tool"
+            assert "no_such_tool" in record.error.message and record.error.retryable is False
+            assert record.attempts == 1
+        else:  # flaky at 20%: almost always succeeds within 4 attempts; a failure must say why
+            if record.status == "failed":
+                assert record.error is not None and record.error.type == "retries_exhausted"
+            assert 1 <= record.attempts <= 4
+        assert record.worker and record.duration_ms >= 0
+
+    status = cluster.cli("status", job_id, "--json")
+    view = json.loads(status.stdout)
+    assert view["total"] == len(items)
+    assert view["succeeded"] + view["failed"] == len(items)
+    assert view["succeeded"] == sum(r.status == "succeeded" for r in records)
+    assert view["pending"] == 0 and view["running"] == 0
+
+    async def completed_events(store: Any) -> int:
+        events = await store.events(job_id, count=100_000)
+        return sum(1 for _, fields in events if fields["type"] == "job.completed")
+
+    assert cluster.run(cluster.with_store(completed_events)) == 1
+
+
+@pytest.mark.parametrize("transport", ["stdio", "http"])
+def test_job_runs_end_to_end(
+    transport: str, redis_url: str, demo_http_url: str, tmp_path: Path, stop_workers: list[Cluster]
+) -> None:
+    server = stdio_demo(timeout_s=10) if transport == "stdio" else http_demo(demo_http_url, timeout_s=10)
+    cluster = make_cluster(tmp_path, redis_url, {"demo": server}, extra="[worker]\nchunk_size = 20\n")
+    stop_workers.append(cluster)
+    cluster.start_workers(2)
+    items = mixed_items(ITEMS)
+    job_id, records = run_job(cluster, tmp_path, items)
+    check_results(cluster, job_id, items, records)
+    workers_used = {r.worker for r in records}
+    assert len(workers_used) == 2, f"both worker processes took part: {workers_used}"
