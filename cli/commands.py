@@ -10,14 +10,16 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from rich.console import Console
 
 from cli import display
 from shared.embedded import redis_url
+from shared.errors import ConfigError, JobSpecError
 from shared.jobs import Submitted, cancel_job, read_items_file, resolve_items, submit_job
 from shared.keys import Keys
 from shared.models import JobSpec, JobStatus, ResultRecord
-from shared.settings import Settings
+from shared.settings import Settings, describe_validation_error
 from shared.store import JobStore, connect, ping
 
 WATCH_BLOCK_MS = 500
@@ -26,7 +28,10 @@ WATCH_BLOCK_MS = 500
 @asynccontextmanager
 async def open_store(settings: Settings) -> AsyncIterator[JobStore]:
     url = redis_url(settings)
-    client = connect(url, socket_connect_timeout=5)
+    try:
+        client = connect(url, socket_connect_timeout=5)
+    except ValueError as exc:  # redis-py rejects a malformed URL with ValueError
+        raise ConfigError(f"invalid Redis URL {url!r}: {exc}") from None
     try:
         await ping(client, url)
         yield JobStore(client, Keys(settings.namespace), settings.global_events_maxlen)
@@ -44,9 +49,12 @@ def submit(
     chunk_size: int | None = None,
 ) -> Submitted:
     items = read_items_file(items_file, default_server=server, default_tool=tool)
-    spec = JobSpec(
-        items=items, server=server, tool=tool, idempotency_key=idempotency_key, chunk_size=chunk_size
-    )
+    try:
+        spec = JobSpec(
+            items=items, server=server, tool=tool, idempotency_key=idempotency_key, chunk_size=chunk_size
+        )
+    except ValidationError as exc:  # e.g. --chunk-size above the limit
+        raise JobSpecError(describe_validation_error(exc)) from None
     resolve_items(spec, settings)  # refuse bad input before touching Redis or the broker
 
     async def go() -> Submitted:

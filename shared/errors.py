@@ -89,7 +89,12 @@ class ProtocolError(PermanentError):
     error_type = "protocol_error"
 
 
-class RetriesExhausted(PermanentError):
-    """A transient failure kept happening until the attempt budget ran out."""
+class RetriesExhausted(ToolswarmError):
+    """A transient failure kept happening until the attempt budget ran out.
+
+    Not retried any more, but retryable: the cause was transient, so resubmitting may succeed.
+    """
+
+    retryable = True
 
     error_type = "retries_exhausted"

@@ -23,7 +23,7 @@ def retrying(policy: RetryPolicy) -> AsyncRetrying:
     return AsyncRetrying(
         stop=stop_after_attempt(policy.attempts),
         wait=wait_exponential_jitter(
-            initial=policy.initial_backoff_s, max=policy.max_backoff_s, jitter=policy.jitter_s
+            multiplier=policy.initial_backoff_s, max=policy.max_backoff_s, jitter=policy.jitter_s
         ),
         retry=retry_if_exception_type(TransientError),
         reraise=True,

@@ -60,7 +60,7 @@ def parse_items_lines(
         if not isinstance(raw, dict):
             errors.append(f"line {number}: expected a JSON object, got {type(raw).__name__}")
             continue
-        if default_tool and "tool" not in raw:
+        if default_tool and raw.get("tool") is None:
             raw["tool"] = default_tool
         if default_server and raw.get("server") is None:
             raw["server"] = default_server
@@ -77,7 +77,7 @@ def parse_items_lines(
 
 def read_items_file(path: str | Path, **defaults: str | None) -> list[ItemSpec]:
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise JobSpecError(f"items file {path} does not exist") from None
     except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
@@ -119,16 +119,21 @@ def plan_chunks(job_id: str, items: Sequence[ItemSpec], chunk_size: int) -> list
 async def submit_job(spec: JobSpec, settings: Settings, store: JobStore, enqueuer: Enqueuer) -> Submitted:
     """Validate, record and enqueue a job. Nothing is written or enqueued unless all of it is valid."""
     items = resolve_items(spec, settings)
+    await asyncio.to_thread(enqueuer.check)
     job_id = new_job_id()
     if spec.idempotency_key:
         bound = await store.reserve_idempotency_key(spec.idempotency_key, job_id)
         if bound != job_id:
             status = await store.status(bound)
             return Submitted(job_id=bound, total=status.total, chunks=0, existing=True)
-    await asyncio.to_thread(enqueuer.check)
-    await store.create_job(job_id, items, (item.server or "" for item in items))
-    chunks = plan_chunks(job_id, items, spec.chunk_size or settings.worker.chunk_size)
-    await asyncio.to_thread(enqueuer.enqueue, chunks)
+    try:
+        await store.create_job(job_id, items, (item.server or "" for item in items))
+        chunks = plan_chunks(job_id, items, spec.chunk_size or settings.worker.chunk_size)
+        await asyncio.to_thread(enqueuer.enqueue, chunks)
+    except BaseException:
+        # Leave nothing half-made behind: no job without its chunks, no key bound to a lost job.
+        await store.discard_job(job_id, spec.idempotency_key)
+        raise
     return Submitted(job_id=job_id, total=len(items), chunks=len(chunks))
 
 

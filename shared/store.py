@@ -225,7 +225,10 @@ class JobStore:
     async def list_jobs(self, limit: int = 20) -> list[str]:
         return list(await self.client.zrevrange(self.keys.jobs, 0, limit - 1))
 
-    async def delete_job(self, job_id: str) -> None:
-        jk = self.keys.job(job_id)
-        await self.client.delete(*jk.all())
+    async def discard_job(self, job_id: str, idempotency_key: str | None = None) -> None:
+        """Remove every trace of a job (used when its submit fails half-way)."""
+        keys = self.keys.job(job_id).all()
+        if idempotency_key:
+            keys.append(self.keys.idempotency(idempotency_key))
+        await self.client.delete(*keys)
         await self.client.zrem(self.keys.jobs, job_id)
