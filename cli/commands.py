@@ -47,11 +47,19 @@ def submit(
     tool: str | None = None,
     idempotency_key: str | None = None,
     chunk_size: int | None = None,
+    state_mode: str | None = None,
 ) -> Submitted:
     items = read_items_file(items_file, default_server=server, default_tool=tool)
     try:
-        spec = JobSpec(
-            items=items, server=server, tool=tool, idempotency_key=idempotency_key, chunk_size=chunk_size
+        spec = JobSpec.model_validate(
+            {
+                "items": items,
+                "server": server,
+                "tool": tool,
+                "idempotency_key": idempotency_key,
+                "chunk_size": chunk_size,
+                "state_mode": state_mode,
+            }
         )
     except ValidationError as exc:  # e.g. --chunk-size above the limit
         raise JobSpecError(describe_validation_error(exc)) from None

@@ -83,6 +83,9 @@ def submit(
         str | None, typer.Option(help="Submitting twice with it returns one job.")
     ] = None,
     chunk_size: Annotated[int | None, typer.Option(min=1, help="Items per Celery message.")] = None,
+    state_mode: Annotated[
+        str | None, typer.Option(help="cas (counters updated in place) or log (event log + snapshots).")
+    ] = None,
     watch: Annotated[bool, typer.Option("--watch", help="Show progress until the job finishes.")] = False,
     as_json: JsonFlag = False,
 ) -> None:

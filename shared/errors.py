@@ -98,3 +98,16 @@ class RetriesExhausted(ToolswarmError):
     retryable = True
 
     error_type = "retries_exhausted"
+
+
+class ConflictError(ToolswarmError):
+    """A compare-and-swap update kept losing the race until its retry budget ran out."""
+
+    error_type = "conflict"
+    retryable = True
+
+    def __init__(self, key: str, attempts: int, last_version: int) -> None:
+        super().__init__(f"update of {key!r} conflicted {attempts} times (last version seen: {last_version})")
+        self.key = key
+        self.attempts = attempts
+        self.last_version = last_version

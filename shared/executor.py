@@ -13,7 +13,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 from shared.errors import RetriesExhausted, ToolFailed, ToolswarmError, TransientError, UnknownTool
 from shared.mcp_client import ToolCaller
 from shared.models import CallResult, Chunk, ChunkReport, ItemError, ResultRecord, item_id
-from shared.settings import RetryPolicy, Settings
+from shared.settings import RetryPolicy, Settings, StateSettings
 from shared.store import Claim, JobStore, Settlement, now_ms
 
 UNKNOWN_TOOL_PREFIX = "Unknown tool:"
@@ -51,11 +51,14 @@ class BatchCommitter:
     next one. Latency stays at one round trip when idle, and batches grow under load.
     """
 
-    def __init__(self, store: JobStore, max_batch: int = 256) -> None:
+    def __init__(self, store: JobStore, max_batch: int = 256, snapshots: StateSettings | None = None) -> None:
         self.store = store
         self.max_batch = max_batch
+        self.snapshots = snapshots or StateSettings()
         self._pending: list[tuple[str, Settlement, asyncio.Future[bool]]] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._snapshotted_at: dict[str, float] = {}
+        self._snapshotting: set[asyncio.Task[bool]] = set()
 
     async def commit(self, job_id: str, settlement: Settlement) -> bool:
         """Commit one result; True if it landed, False if refused (already settled or stale epoch)."""
@@ -87,6 +90,25 @@ class BatchCommitter:
         for (_, future), landed in zip(entries, outcome.landed, strict=True):
             if not future.done():
                 future.set_result(landed)
+        if outcome.unsnapshotted and self._snapshot_due(job_id, outcome.unsnapshotted, outcome.job_finished):
+            task = asyncio.create_task(self.store.snapshot(job_id))
+            self._snapshotting.add(task)
+            task.add_done_callback(self._snapshotting.discard)
+
+    def _snapshot_due(self, job_id: str, unsnapshotted: int, finished: bool) -> bool:
+        """Log mode: snapshot every N events, every T seconds, and when the job finishes."""
+        now = time.monotonic()
+        last = self._snapshotted_at.setdefault(job_id, now)
+        if (
+            finished
+            or unsnapshotted >= self.snapshots.snapshot_every_events
+            or now - last >= self.snapshots.snapshot_every_s
+        ):
+            self._snapshotted_at[job_id] = now
+            if finished:
+                del self._snapshotted_at[job_id]
+            return True
+        return False
 
 
 @dataclass

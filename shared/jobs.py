@@ -127,7 +127,8 @@ async def submit_job(spec: JobSpec, settings: Settings, store: JobStore, enqueue
             status = await store.status(bound)
             return Submitted(job_id=bound, total=status.total, chunks=0, existing=True)
     try:
-        await store.create_job(job_id, items, (item.server or "" for item in items))
+        state_mode = spec.state_mode or settings.state.mode
+        await store.create_job(job_id, items, (item.server or "" for item in items), state_mode)
         chunks = plan_chunks(job_id, items, spec.chunk_size or settings.worker.chunk_size)
         await asyncio.to_thread(enqueuer.enqueue, chunks)
     except BaseException:

@@ -20,9 +20,10 @@ class JobKeys:
     running: str  # hash: index -> worker currently holding the item
     events: str  # stream: this job's item and job events
     notify: str  # pub/sub channel: a nudge per committed batch, for low-latency watchers
+    snapshot: str  # hash: log-mode snapshot {state, last_id, count, at_ms}
 
     def all(self) -> list[str]:
-        return [self.meta, self.items, self.results, self.epochs, self.running, self.events]
+        return [self.meta, self.items, self.results, self.epochs, self.running, self.events, self.snapshot]
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class Keys:
             running=f"{base}:running",
             events=f"{base}:events",
             notify=f"{base}:notify",
+            snapshot=f"{base}:snapshot",
         )
 
     @property

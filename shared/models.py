@@ -32,6 +32,7 @@ class JobSpec(BaseModel):
     tool: str | None = None
     idempotency_key: str | None = None
     chunk_size: int | None = Field(default=None, ge=1, le=10_000)
+    state_mode: StateMode | None = None
 
 
 class CallResult(BaseModel):
@@ -82,6 +83,7 @@ class JobStatus(BaseModel):
     created_at_ms: int
     finished_at_ms: int | None = None
     servers: list[str] = Field(default_factory=list)
+    state_mode: StateMode = "cas"
 
     @property
     def settled(self) -> int:

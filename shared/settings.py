@@ -79,6 +79,14 @@ class WorkerSettings(_Strict):
     commit_batch_size: int = Field(default=256, ge=1, le=10_000)
 
 
+class StateSettings(_Strict):
+    """How job state is kept (see README, "State in Redis")."""
+
+    mode: Literal["cas", "log"] = "cas"
+    snapshot_every_events: int = Field(default=500, ge=1)
+    snapshot_every_s: float = Field(default=5.0, gt=0)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="TOOLSWARM_",
@@ -93,6 +101,7 @@ class Settings(BaseSettings):
     global_events_maxlen: int = Field(default=100_000, ge=100)
     state_dir: str = ".toolswarm"
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    state: StateSettings = Field(default_factory=StateSettings)
     servers: dict[str, ServerConfig] = Field(default_factory=dict)
 
     @classmethod

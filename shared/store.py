@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -13,14 +12,13 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.errors import JobNotFound, RedisUnavailable
+from shared.eventlog import EventLog
+from shared.jobview import JobView, apply_job_event
 from shared.keys import JobKeys, Keys
-from shared.models import ItemSpec, JobState, JobStatus, ResultRecord
+from shared.lua import load_lua
+from shared.models import ItemSpec, JobState, JobStatus, ResultRecord, StateMode
 
 WRITE_BATCH = 1000
-
-
-def load_lua(name: str) -> str:
-    return resources.files("shared.lua").joinpath(f"{name}.lua").read_text(encoding="utf-8")
 
 
 def now_ms() -> int:
@@ -63,6 +61,7 @@ class CommitOutcome:
     refused: int
     job_finished: bool
     landed: list[bool]
+    unsnapshotted: int = 0  # log mode: events appended since the last snapshot
 
 
 class JobStore:
@@ -84,7 +83,9 @@ class JobStore:
         existing = await self.client.get(idem)
         return existing or job_id
 
-    async def create_job(self, job_id: str, items: Sequence[ItemSpec], servers: Iterable[str]) -> None:
+    async def create_job(
+        self, job_id: str, items: Sequence[ItemSpec], servers: Iterable[str], state_mode: StateMode = "cas"
+    ) -> None:
         """Write the job record and its items in pipelined batches, then make it visible."""
         jk = self.keys.job(job_id)
         for start in range(0, len(items), WRITE_BATCH):
@@ -107,8 +108,13 @@ class JobStore:
                     "state": "pending",
                     "created_at_ms": created,
                     "servers": ",".join(sorted(set(servers))),
+                    "state_mode": state_mode,
+                    "version": 0,
                 },
             )
+            submitted = {"type": "job.submitted", "job_id": job_id, "total": len(items), "at_ms": created}
+            pipe.xadd(jk.events, submitted)
+            pipe.xadd(self.keys.events, submitted, maxlen=self.global_events_maxlen, approximate=True)
             pipe.zadd(self.keys.jobs, {job_id: created})
             await pipe.execute()
 
@@ -117,8 +123,8 @@ class JobStore:
     async def claim(self, job_id: str, indexes: Sequence[int], worker: str) -> list[Claim]:
         jk = self.keys.job(job_id)
         reply = await self._claim(
-            keys=[jk.meta, jk.items, jk.results, jk.epochs, jk.running],
-            args=[worker, *indexes],
+            keys=[jk.meta, jk.items, jk.results, jk.epochs, jk.running, jk.events, self.keys.events],
+            args=[worker, self.global_events_maxlen, *indexes],
         )
         if reply == [-1]:
             raise JobNotFound(f"job {job_id} does not exist")
@@ -137,18 +143,29 @@ class JobStore:
         args: list[Any] = [job_id, self.global_events_maxlen, "1" if force else "0"]
         for s in settlements:
             args += [s.record.index, s.epoch, s.record.status, s.record.model_dump_json(exclude_none=True)]
-        committed, refused, finished, landed = await self._commit(keys=self._commit_keys(jk), args=args)
+        committed, refused, finished, landed, unsnapshotted = await self._commit(
+            keys=self._commit_keys(jk), args=args
+        )
         return CommitOutcome(
             committed=int(committed),
             refused=int(refused),
             job_finished=bool(finished),
             landed=[flag == "1" for flag in landed],
+            unsnapshotted=int(unsnapshotted),
         )
 
     def _commit_keys(self, jk: JobKeys) -> list[str]:
         return [jk.meta, jk.results, jk.epochs, jk.running, jk.events, self.keys.events, jk.notify]
 
     # --- read side ---------------------------------------------------------------------------
+
+    def job_log(self, job_id: str) -> EventLog[JobView]:
+        """The job's event log, whose fold is the job view (authoritative in log mode)."""
+        jk = self.keys.job(job_id)
+        return EventLog(self.client, jk.events, jk.snapshot, apply_job_event, JobView, counter=jk.meta)
+
+    async def snapshot(self, job_id: str) -> bool:
+        return await self.job_log(job_id).snapshot()
 
     async def status(self, job_id: str) -> JobStatus:
         jk = self.keys.job(job_id)
@@ -159,9 +176,22 @@ class JobStore:
         if not meta:
             raise JobNotFound(f"job {job_id} does not exist")
         total = int(meta["total"])
-        succeeded, failed, cancelled = (int(meta.get(f, 0)) for f in ("succeeded", "failed", "cancelled"))
+        mode: StateMode = meta.get("state_mode", "cas")
+        if mode == "log":
+            view = (await self.job_log(job_id).read()).state
+            counts = (view.succeeded, view.failed, view.cancelled)
+            state: JobState = view.state
+            finished_at = view.finished_at_ms
+        else:
+            counts = (
+                int(meta.get("succeeded", 0)),
+                int(meta.get("failed", 0)),
+                int(meta.get("cancelled", 0)),
+            )
+            state = meta["state"]
+            finished_at = int(meta["finished_at_ms"]) if "finished_at_ms" in meta else None
+        succeeded, failed, cancelled = counts
         settled = succeeded + failed + cancelled
-        state: JobState = meta["state"]
         running = 0 if state in ("finished", "cancelled") else min(int(running), total - settled)
         return JobStatus(
             job_id=job_id,
@@ -173,8 +203,9 @@ class JobStore:
             running=running,
             pending=total - settled - running,
             created_at_ms=int(meta["created_at_ms"]),
-            finished_at_ms=int(meta["finished_at_ms"]) if "finished_at_ms" in meta else None,
+            finished_at_ms=finished_at,
             servers=[s for s in meta.get("servers", "").split(",") if s],
+            state_mode=mode,
         )
 
     async def results(self, job_id: str, batch: int = WRITE_BATCH) -> AsyncIterator[ResultRecord]:

@@ -77,7 +77,7 @@ class WorkerRuntime:
             settings=self.settings,
             store=store,
             caller=self._pool,
-            committer=BatchCommitter(store, self.settings.worker.commit_batch_size),
+            committer=BatchCommitter(store, self.settings.worker.commit_batch_size, self.settings.state),
             worker_id=self.worker_id,
         )
         self._heartbeat = asyncio.create_task(self._beat(), name="toolswarm-heartbeat")

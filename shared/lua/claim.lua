@@ -1,7 +1,7 @@
 -- Claim items of one job for a worker, skipping settled ones.
 -- Each claim bumps the item's fencing epoch; only a commit carrying the newest epoch lands.
--- KEYS: meta, items, results, epochs, running
--- ARGV: worker, index...
+-- KEYS: meta, items, results, epochs, running, job_events, global_events
+-- ARGV: worker, global_maxlen, index...
 -- Returns a flat list {index, epoch, item_json, ...}; {-1} when the job does not exist.
 local meta, items, results, epochs, running = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local state = redis.call('HGET', meta, 'state')
@@ -13,10 +13,18 @@ if state == 'finished' or state == 'cancelled' or redis.call('HGET', meta, 'canc
 end
 if state == 'pending' then
   local now = redis.call('TIME')
-  redis.call('HSET', meta, 'state', 'running', 'started_at_ms', now[1] * 1000 + math.floor(now[2] / 1000))
+  local now_ms = now[1] * 1000 + math.floor(now[2] / 1000)
+  redis.call('HSET', meta, 'state', 'running', 'started_at_ms', now_ms)
+  local job_id = redis.call('HGET', meta, 'job_id')
+  redis.call('XADD', KEYS[6], '*', 'type', 'job.started', 'job_id', job_id, 'at_ms', now_ms)
+  redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[2], '*', 'type', 'job.started', 'job_id', job_id,
+    'at_ms', now_ms)
+  if redis.call('HGET', meta, 'state_mode') == 'log' then
+    redis.call('HINCRBY', meta, 'unsnapshotted', 1)
+  end
 end
 local claimed = {}
-for i = 2, #ARGV do
+for i = 3, #ARGV do
   local index = ARGV[i]
   if redis.call('HEXISTS', results, index) == 0 then
     local spec = redis.call('HGET', items, index)

@@ -2,14 +2,27 @@
 -- An item is refused when it is already settled, or (unless forced) when the epoch it was
 -- claimed under is no longer the newest. When the batch settles the last item, the job is
 -- marked finished (or cancelled) and job.completed is appended, exactly once.
+-- State modes: 'cas' moves the counters of the job record (and its version) in place;
+-- 'log' only appends item.settled events, whose fold is the job view (see jobview.py).
 -- KEYS: meta, results, epochs, running, job_events, global_events, notify_channel
 -- ARGV: job_id, global_maxlen, force ("1" skips the epoch check), then per item:
 --       index, epoch, status, record_json
--- Returns {committed, refused, job_finished (0|1), landed} where landed has one char per item:
--- '1' committed, '0' refused.
+-- Returns {committed, refused, job_finished (0|1), landed, unsnapshotted}; landed has one char
+-- per item ('1' committed, '0' refused); unsnapshotted counts log events since the snapshot.
 local meta, results, epochs, running = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local job_events, global_events, notify = KEYS[5], KEYS[6], KEYS[7]
 local job_id, maxlen, force = ARGV[1], ARGV[2], ARGV[3] == '1'
+local log_mode = redis.call('HGET', meta, 'state_mode') == 'log'
+
+-- The log is the state in log mode and is trimmed by snapshots; in cas mode it is a bounded feed.
+local function append(fields)
+  if log_mode then
+    redis.call('XADD', job_events, '*', unpack(fields))
+  else
+    redis.call('XADD', job_events, 'MAXLEN', '~', maxlen, '*', unpack(fields))
+  end
+  redis.call('XADD', global_events, 'MAXLEN', '~', maxlen, '*', unpack(fields))
+end
 
 local now = redis.call('TIME')
 local now_ms = now[1] * 1000 + math.floor(now[2] / 1000)
@@ -25,11 +38,10 @@ for i = 4, #ARGV, 4 do
   else
     redis.call('HSET', results, index, record)
     redis.call('HDEL', running, index)
-    redis.call('HINCRBY', meta, status, 1)
-    redis.call('XADD', job_events, '*', 'type', 'item.settled', 'job_id', job_id, 'index', index,
-      'status', status)
-    redis.call('XADD', global_events, 'MAXLEN', '~', maxlen, '*', 'type', 'item.settled',
-      'job_id', job_id, 'index', index, 'status', status)
+    if not log_mode then
+      redis.call('HINCRBY', meta, status, 1)
+    end
+    append({'type', 'item.settled', 'job_id', job_id, 'index', index, 'status', status})
     committed = committed + 1
     landed[#landed + 1] = '1'
   end
@@ -39,20 +51,32 @@ if refused > 0 then
 end
 
 local finished = 0
+local unsnapshotted = 0
 if committed > 0 then
-  local m = redis.call('HMGET', meta, 'total', 'succeeded', 'failed', 'cancelled', 'state',
-    'cancel_requested')
+  if log_mode then
+    unsnapshotted = redis.call('HINCRBY', meta, 'unsnapshotted', committed)
+  else
+    redis.call('HINCRBY', meta, 'version', 1)
+  end
+  local m = redis.call('HMGET', meta, 'total', 'state', 'cancel_requested')
   local total = tonumber(m[1]) or 0
-  local settled = (tonumber(m[2]) or 0) + (tonumber(m[3]) or 0) + (tonumber(m[4]) or 0)
-  if settled >= total and m[5] ~= 'finished' and m[5] ~= 'cancelled' then
-    local final = m[6] and 'cancelled' or 'finished'
+  if redis.call('HLEN', results) >= total and m[2] ~= 'finished' and m[2] ~= 'cancelled' then
+    local final = m[3] and 'cancelled' or 'finished'
     redis.call('HSET', meta, 'state', final, 'finished_at_ms', now_ms)
     local fields = {'type', 'job.completed', 'job_id', job_id, 'state', final, 'total', m[1],
-      'succeeded', m[2] or '0', 'failed', m[3] or '0', 'cancelled', m[4] or '0'}
-    redis.call('XADD', job_events, '*', unpack(fields))
-    redis.call('XADD', global_events, 'MAXLEN', '~', maxlen, '*', unpack(fields))
+      'at_ms', now_ms}
+    if not log_mode then
+      local counts = redis.call('HMGET', meta, 'succeeded', 'failed', 'cancelled')
+      for j, name in ipairs({'succeeded', 'failed', 'cancelled'}) do
+        fields[#fields + 1] = name
+        fields[#fields + 1] = counts[j] or '0'
+      end
+    else
+      unsnapshotted = redis.call('HINCRBY', meta, 'unsnapshotted', 1)
+    end
+    append(fields)
     finished = 1
   end
   redis.call('PUBLISH', notify, committed)
 end
-return {committed, refused, finished, table.concat(landed)}
+return {committed, refused, finished, table.concat(landed), unsnapshotted}

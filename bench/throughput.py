@@ -1,0 +1,179 @@
+"""Throughput of toolswarm's whole path against its ceiling and the naive pattern, in one run.
+
+On the demo MCP server's ``echo`` tool, over streamable HTTP and over stdio, at the same total
+concurrency:
+- direct: one asyncio process with persistent sessions (the ceiling);
+- naive: a new connection (HTTP) or a new server process (stdio) per call;
+- swarm: toolswarm end to end — submit → Celery workers → committed results in Redis.
+Direct and swarm alternate for several rounds and the median is reported, because the machine
+is shared and noisy. The last line is ``ratios: swarm/direct=X.XX swarm/naive=Y.YY`` (HTTP).
+
+    python bench/throughput.py [--items 3000] [--rounds 3] [--workers 2] [--concurrency 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from cli.commands import open_store, submit  # noqa: E402
+from shared.embedded import EmbeddedRedis  # noqa: E402
+from shared.mcp_client import build_client  # noqa: E402
+from shared.settings import ServerConfig, Settings, load_settings  # noqa: E402
+from tests.harness import Cluster, demo_http_server, http_demo, make_cluster, stdio_demo  # noqa: E402
+
+
+async def direct(config: ServerConfig, items: int, concurrency: int, sessions: int) -> float:
+    """Persistent sessions, ``concurrency`` calls in flight: the ceiling."""
+    clients = [build_client(config, None) for _ in range(sessions)]
+    entered = [await c.__aenter__() for c in clients]
+    try:
+        semaphore = asyncio.Semaphore(concurrency)
+
+        async def one(i: int) -> None:
+            async with semaphore:
+                result = await entered[i % sessions].call_tool("echo", {"text": f"item {i}"})
+                assert not result.is_error
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(items)))
+        return items / (time.perf_counter() - started)
+    finally:
+        for c in reversed(entered):
+            await c.__aexit__(None, None, None)
+
+
+async def naive(config: ServerConfig, items: int, concurrency: int) -> float:
+    """A new connection per call: what a worker that keeps no sessions does."""
+    semaphore = asyncio.Semaphore(concurrency)
+
+    async def one(i: int) -> None:
+        async with semaphore, build_client(config, None) as client:
+            result = await client.call_tool("echo", {"text": f"item {i}"})
+            assert not result.is_error
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(items)))
+    return items / (time.perf_counter() - started)
+
+
+def swarm(cluster: Cluster, settings: Settings, items: int, workdir: Path) -> float:
+    """Submit → workers → every result committed; timed from submit to job.completed."""
+    items_file = workdir / f"items-{items}.jsonl"
+    if not items_file.exists():
+        items_file.write_text(
+            "".join(f'{{"tool": "echo", "arguments": {{"text": "item {i}"}}}}\n' for i in range(items))
+        )
+    started = time.perf_counter()
+    submitted = submit(settings, items_file, server="demo")
+
+    async def wait() -> None:
+        async with open_store(settings) as store:
+            while not (await store.status(submitted.job_id)).done:
+                await store.wait_for_events(submitted.job_id, "$", 100)
+
+    asyncio.run(wait())
+    elapsed = time.perf_counter() - started
+    status = cluster.run(cluster.with_store(lambda store: store.status(submitted.job_id)))
+    assert status.succeeded == items, status
+    return items / elapsed
+
+
+def median_of(rounds: int, measure: Callable[[], float]) -> tuple[float, list[float]]:
+    samples = [measure() for _ in range(rounds)]
+    return statistics.median(samples), samples
+
+
+def run_transport(
+    name: str, server: dict[str, object], args: argparse.Namespace, redis_url: str, workdir: Path
+) -> dict[str, float]:
+    per_worker = max(1, args.concurrency // args.workers)
+    cluster = make_cluster(
+        workdir,
+        redis_url,
+        {"demo": {**server, "max_concurrency": args.concurrency, "pool_size": 1, "timeout_s": 30}},
+        extra=f"[worker]\ncalls_in_flight = {per_worker}\nchunk_size = {args.chunk_size}\n"
+        f"chunks_in_flight = {args.chunks_in_flight}\n",
+    )
+    os.environ.update(cluster.env)
+    settings = load_settings(cluster.config_file)
+    config = settings.servers["demo"]
+    try:
+        cluster.start_workers(args.workers)
+        swarm(cluster, settings, 200, workdir)  # warm-up: open every worker's sessions
+        asyncio.run(direct(config, 200, args.concurrency, args.workers))
+        direct_rates: list[float] = []
+        swarm_rates: list[float] = []
+        for _ in range(args.rounds):
+            direct_rates.append(asyncio.run(direct(config, args.items, args.concurrency, args.workers)))
+            swarm_rates.append(swarm(cluster, settings, args.items, workdir))
+        naive_items = args.naive_items if name == "http" else max(16, args.naive_items // 10)
+        naive_rate = asyncio.run(naive(config, naive_items, args.concurrency))
+    finally:
+        cluster.stop_workers()
+    d, s = statistics.median(direct_rates), statistics.median(swarm_rates)
+    print(
+        f"[{name}] direct (persistent sessions, c={args.concurrency}): {d:8.1f} items/s  {fmt(direct_rates)}"
+    )
+    print(
+        f"[{name}] naive  (new connection per call):       {naive_rate:8.1f} items/s  ({naive_items} items)"
+    )
+    print(
+        f"[{name}] swarm  ({args.workers} workers, submit→committed):  {s:8.1f} items/s  {fmt(swarm_rates)}"
+    )
+    print(f"[{name}] swarm/direct={s / d:.2f} swarm/naive={s / naive_rate:.2f}", flush=True)
+    return {"direct": d, "naive": naive_rate, "swarm": s}
+
+
+def fmt(samples: list[float]) -> str:
+    return "[" + ", ".join(f"{x:.0f}" for x in samples) + "]"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--items", type=int, default=3000)
+    parser.add_argument("--naive-items", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--chunk-size", type=int, default=25)
+    parser.add_argument("--chunks-in-flight", type=int, default=4)
+    parser.add_argument("--transports", default="http,stdio")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="toolswarm-bench-") as tmp:
+        redis = EmbeddedRedis(Settings(state_dir=tmp))
+        redis_url = redis.start(publish=False)
+        results: dict[str, dict[str, float]] = {}
+        try:
+            transports = args.transports.split(",")
+            if "stdio" in transports:
+                (Path(tmp) / "stdio").mkdir()
+                results["stdio"] = run_transport("stdio", stdio_demo(), args, redis_url, Path(tmp) / "stdio")
+            if "http" in transports:
+                (Path(tmp) / "http").mkdir()
+                with demo_http_server() as url:
+                    results["http"] = run_transport(
+                        "http", http_demo(url), args, redis_url, Path(tmp) / "http"
+                    )
+        finally:
+            redis.stop()
+    last = results.get("http") or next(iter(results.values()))
+    to_direct, to_naive = last["swarm"] / last["direct"], last["swarm"] / last["naive"]
+    print(f"ratios: swarm/direct={to_direct:.2f} swarm/naive={to_naive:.2f}")
+
+
+if __name__ == "__main__":
+    main()

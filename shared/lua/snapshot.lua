@@ -1,0 +1,20 @@
+-- Move a log's snapshot forward and trim the stream below it.
+-- Only succeeds if the snapshot still covers exactly what the caller folded from
+-- (a compare-and-swap on the last stream id), so snapshots never go backwards.
+-- KEYS: snapshot (hash {state, last_id, count, at_ms}), stream, [counter hash: 'unsnapshotted' is
+--       lowered by the events folded]
+-- ARGV: expected_last_id ('' for none), new_state_json, new_last_id, folded_events, trim_minid, now_ms
+-- Returns 1 when written, 0 when someone else moved the snapshot first.
+local current = redis.call('HGET', KEYS[1], 'last_id') or ''
+if current ~= ARGV[1] then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'state', ARGV[2], 'last_id', ARGV[3], 'at_ms', ARGV[6])
+redis.call('HINCRBY', KEYS[1], 'count', ARGV[4])
+redis.call('XTRIM', KEYS[2], 'MINID', ARGV[5])
+if KEYS[3] then
+  if redis.call('HINCRBY', KEYS[3], 'unsnapshotted', -tonumber(ARGV[4])) < 0 then
+    redis.call('HSET', KEYS[3], 'unsnapshotted', 0)
+  end
+end
+return 1
