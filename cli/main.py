@@ -100,6 +100,7 @@ def submit(
             tool=tool,
             idempotency_key=idempotency_key,
             chunk_size=chunk_size,
+            state_mode=state_mode,
         )
         if as_json:
             print(

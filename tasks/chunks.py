@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Task, shared_task
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.errors import RedisUnavailable
 from shared.executor import execute_chunk
@@ -22,6 +24,6 @@ def run_chunk(self: Task, job_id: str, server: str, items: list[int]) -> dict[st
     chunk = Chunk(job_id=job_id, server=server, items=items)
     try:
         report = runtime.run(execute_chunk(runtime.context, chunk))
-    except RedisUnavailable as exc:
+    except (RedisUnavailable, RedisConnectionError, RedisTimeoutError) as exc:
         raise self.retry(exc=exc, countdown=REDIS_RETRY_COUNTDOWN_S, max_retries=REDIS_MAX_RETRIES) from exc
     return report.model_dump()

@@ -10,6 +10,7 @@ from typing import Any
 from celery import Celery
 from celery.signals import worker_init, worker_process_init, worker_process_shutdown, worker_shutdown
 
+import celeryconfig
 from shared.errors import RedisUnavailable
 from shared.keys import Keys
 from shared.models import Chunk
@@ -43,7 +44,7 @@ class RuntimeHolder:
 def create_app(settings: Settings | None = None) -> Celery:
     settings = settings or load_settings()
     app = Celery("toolswarm", set_as_current=True)
-    app.config_from_object("celeryconfig")
+    app.conf.update(celeryconfig.from_settings(settings))
     app.conf.include = ["tasks.chunks"]
     holder = RuntimeHolder(settings)
     app.toolswarm_runtime = holder  # type: ignore[attr-defined]
