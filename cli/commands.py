@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from cli import display
+from shared import events
 from shared.embedded import redis_url
 from shared.errors import ConfigError, JobSpecError
 from shared.jobs import Submitted, cancel_job, read_items_file, resolve_items, submit_job
@@ -134,3 +135,44 @@ def live_workers(settings: Settings) -> list[dict[str, Any]]:
             return [json.loads(raw) for raw in raws if raw]
 
     return asyncio.run(go())
+
+
+def print_events(
+    settings: Settings,
+    *,
+    job: str | None,
+    follow: bool,
+    group: str | None,
+    consumer: str,
+    as_json: bool,
+    console: Console,
+) -> None:
+    """History then (with --follow) live events; a job's stream ends at its job.completed."""
+
+    def show(entry_id: str, fields: dict[str, str]) -> None:
+        if as_json:
+            print(json.dumps({"id": entry_id, **fields}), flush=True)
+        else:
+            console.print(display.event_line(entry_id, fields), highlight=False)
+
+    async def go() -> None:
+        async with open_store(settings) as store:
+            if job is not None:
+                await store.status(job)  # JobNotFound for an unknown job
+            stream = store.keys.job(job).events if job else store.keys.events
+            if group:
+                async for entry_id, fields in events.consume(store.client, stream, group, consumer):
+                    show(entry_id, fields)
+                return
+            last = ""
+            for entry_id, fields in await events.history(store.client, stream):
+                show(entry_id, fields)
+                last = entry_id
+            if not follow or (job and (await store.status(job)).done):
+                return
+            async for entry_id, fields in events.follow(store.client, stream, last or "$"):
+                show(entry_id, fields)
+                if job and fields.get("type") == "job.completed":
+                    return
+
+    asyncio.run(go())

@@ -67,3 +67,9 @@ def print_servers(console: Console, settings: Settings, workers: list[dict[str, 
         )
     console.print(table)
     console.print(f"{len(workers)} live worker process(es): " + ", ".join(w["worker"] for w in workers))
+
+
+def event_line(entry_id: str, fields: dict[str, str]) -> str:
+    kind = fields.get("type", "?")
+    rest = " ".join(f"{k}={v}" for k, v in fields.items() if k not in ("type", "job_id"))
+    return f"{entry_id}  {kind:<14} job={fields.get('job_id', '?')} {rest}"

@@ -7,7 +7,7 @@ import json
 import os
 import sys
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -171,6 +171,31 @@ def cancel(job_id: str, as_json: JsonFlag = False) -> None:
             print(job.model_dump_json())
         else:
             display.print_status(console, job)
+
+
+@app.command()
+def events(
+    job: Annotated[str | None, typer.Option("--job", "-j", help="Only this job's events.")] = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new events.")] = False,
+    group: Annotated[
+        str | None, typer.Option(help="Read the global stream as this consumer group (implies --follow).")
+    ] = None,
+    consumer: Annotated[str, typer.Option(help="Consumer name within --group.")] = "cli",
+    as_json: JsonFlag = False,
+) -> None:
+    """Print item and job events (a job's stream, or the global stream)."""
+    from cli import commands
+
+    with _errors_as_one_line(), suppress(KeyboardInterrupt):
+        commands.print_events(
+            settings(),
+            job=job,
+            follow=follow,
+            group=group,
+            consumer=consumer,
+            as_json=as_json,
+            console=console,
+        )
 
 
 @app.command()

@@ -78,14 +78,22 @@ def stop_processes(processes: list[subprocess.Popen[bytes]], grace_s: float = WO
 
 @contextmanager
 def sigterm_as_stop() -> Iterator[None]:
+    """SIGTERM (and Ctrl-C) raise :class:`Stop` once; repeats are ignored so the teardown runs to the end."""
+    stopping = [signal.SIGTERM]
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        stopping.append(signal.SIGINT)
+
     def handler(signum: int, frame: FrameType | None) -> None:
+        for sig in stopping:
+            signal.signal(sig, signal.SIG_IGN)
         raise Stop()
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in stopping}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, before in previous.items():
+            signal.signal(sig, before)
 
 
 async def wait_for_workers(settings: Settings, count: int, timeout: float = READY_TIMEOUT_S) -> None:
