@@ -30,6 +30,7 @@ lint: $(DEV_STAMP)
 	$(VENV)/bin/mypy
 
 bench: $(DEV_STAMP)
+	$(PY) bench/state.py
 	$(PY) bench/throughput.py
 
 clean:
