@@ -7,16 +7,14 @@ from typing import Any
 from shared.embedded import broker_url
 from shared.settings import Settings
 
-# Redelivery by the broker is only a backstop: a message unacked this long is delivered again.
-VISIBILITY_TIMEOUT_S = 3600
-
-
 def from_settings(settings: Settings) -> dict[str, Any]:
     return {
         "broker_url": broker_url(settings),
         "broker_connection_retry_on_startup": True,
         "broker_transport_options": {
-            "visibility_timeout": VISIBILITY_TIMEOUT_S,
+            # A backstop only: leases take over a dead worker's items in seconds. A message redelivered
+            # after this finds its items settled or leased to a live worker and skips them.
+            "visibility_timeout": settings.worker.visibility_timeout_s,
             "global_keyprefix": f"{settings.namespace}:celery:",
         },
         # JSON only: a pickle from the broker is code execution.

@@ -8,7 +8,15 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
 
 from shared.errors import RetriesExhausted, ToolFailed, ToolswarmError, TransientError, UnknownTool
 from shared.mcp_client import ToolCaller
@@ -17,6 +25,7 @@ from shared.settings import RetryPolicy, Settings, StateSettings
 from shared.store import Claim, JobStore, Settlement, now_ms
 
 UNKNOWN_TOOL_PREFIX = "Unknown tool:"
+COMMIT_RETRY_S = 60.0
 
 
 def retrying(policy: RetryPolicy) -> AsyncRetrying:
@@ -79,7 +88,15 @@ class BatchCommitter:
 
     async def _commit_job(self, job_id: str, entries: list[tuple[Settlement, asyncio.Future[bool]]]) -> None:
         try:
-            outcome = await self.store.commit(job_id, [s for s, _ in entries])
+            # Results already computed are worth waiting for: ride out a Redis restart.
+            async for attempt in AsyncRetrying(
+                stop=stop_after_delay(COMMIT_RETRY_S),
+                wait=wait_exponential_jitter(multiplier=0.1, max=2.0, jitter=0.1),
+                retry=retry_if_exception_type((RedisConnectionError, RedisTimeoutError)),
+                reraise=True,
+            ):
+                with attempt:
+                    outcome = await self.store.commit(job_id, [s for s, _ in entries])
         except BaseException as exc:
             for _, future in entries:
                 if not future.done():
@@ -111,9 +128,17 @@ class BatchCommitter:
         return False
 
 
+class Draining(Exception):
+    """The worker is shutting down: an item that has not started gives its lease back instead."""
+
+
+WAITING, CALLING, RELEASED = "waiting", "calling", "released"
+
+
 @dataclass
 class ExecutionContext:
-    """What a worker process hands the executor: its store, its MCP pool, its committer."""
+    """What a worker process hands the executor: its store, its MCP pool, its committer, and the
+    items it holds leases on (renewed by the heartbeat, released on shutdown)."""
 
     settings: Settings
     store: JobStore
@@ -121,6 +146,9 @@ class ExecutionContext:
     committer: BatchCommitter
     worker_id: str
     limits: dict[str, asyncio.Semaphore] = field(default_factory=dict)
+    held: dict[str, str] = field(default_factory=dict)  # "job_id:index" -> WAITING | CALLING | RELEASED
+    item_tasks: dict[str, asyncio.Task[tuple[ResultRecord, bool] | None]] = field(default_factory=dict)
+    draining: bool = False
 
     def limit(self, server: str) -> asyncio.Semaphore:
         semaphore = self.limits.get(server)
@@ -130,12 +158,16 @@ class ExecutionContext:
             semaphore = self.limits[server] = asyncio.Semaphore(size)
         return semaphore
 
+    def leased(self) -> list[str]:
+        return [member for member, state in self.held.items() if state != RELEASED]
+
 
 async def call_item(ctx: ExecutionContext, job_id: str, claim: Claim) -> ResultRecord:
     """Call one item's tool with retries and turn whatever happens into its result record."""
     spec = claim.spec
     server = spec.server or ""
     config = ctx.settings.server(server)
+    member = item_id(job_id, claim.index)
     started = time.perf_counter()
     attempts = 0
     result: CallResult | None = None
@@ -143,8 +175,11 @@ async def call_item(ctx: ExecutionContext, job_id: str, claim: Claim) -> ResultR
     try:
         async for attempt in retrying(config.retry):
             with attempt:
-                attempts += 1
                 async with ctx.limit(server):
+                    if ctx.draining:
+                        raise Draining(member)
+                    attempts += 1
+                    ctx.held[member] = CALLING
                     result = await ctx.caller.call(server, spec.tool, spec.arguments, config.timeout_s)
         assert result is not None
         if result.is_error:
@@ -153,7 +188,7 @@ async def call_item(ctx: ExecutionContext, job_id: str, claim: Claim) -> ResultR
     except ToolswarmError as exc:
         error = error_of(exc, attempts, config.retry)
     return ResultRecord(
-        item_id=item_id(job_id, claim.index),
+        item_id=member,
         job_id=job_id,
         index=claim.index,
         tool=spec.tool,
@@ -169,24 +204,69 @@ async def call_item(ctx: ExecutionContext, job_id: str, claim: Claim) -> ResultR
     )
 
 
-async def run_item(ctx: ExecutionContext, job_id: str, claim: Claim) -> tuple[ResultRecord, bool]:
-    record = await call_item(ctx, job_id, claim)
-    landed = await ctx.committer.commit(job_id, Settlement(record=record, epoch=claim.epoch))
-    return record, landed
+async def run_item(ctx: ExecutionContext, job_id: str, claim: Claim) -> tuple[ResultRecord, bool] | None:
+    """Call and commit one item; None when shutdown took it back before it finished."""
+    member = item_id(job_id, claim.index)
+    try:
+        record = await call_item(ctx, job_id, claim)
+        landed = await ctx.committer.commit(job_id, Settlement(record=record, epoch=claim.epoch))
+        return record, landed
+    except Draining:
+        if ctx.held.get(member) != RELEASED:
+            await ctx.store.release([member])
+        return None
+    finally:
+        ctx.held.pop(member, None)
+        ctx.item_tasks.pop(member, None)
 
 
 async def execute_chunk(ctx: ExecutionContext, chunk: Chunk) -> ChunkReport:
-    """Run every unsettled item of the chunk concurrently; return what happened."""
-    claims: Sequence[Claim] = await ctx.store.claim(chunk.job_id, chunk.items, ctx.worker_id)
-    outcomes = await asyncio.gather(*(run_item(ctx, chunk.job_id, claim) for claim in claims))
-    committed = [record for record, landed in outcomes if landed]
+    """Lease the chunk's unsettled items and run them concurrently; return what happened."""
+    if ctx.draining:
+        claims: Sequence[Claim] = []
+    else:
+        claims = await ctx.store.claim(chunk.job_id, chunk.items, ctx.worker_id, ctx.settings.worker.lease_s)
+    tasks = []
+    for claim in claims:
+        member = item_id(chunk.job_id, claim.index)
+        ctx.held[member] = WAITING
+        task = asyncio.create_task(run_item(ctx, chunk.job_id, claim))
+        ctx.item_tasks[member] = task
+        tasks.append(task)
+    outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    finished = [o for o in outcomes if isinstance(o, tuple)]
+    committed = [record for record, landed in finished if landed]
     return ChunkReport(
         job_id=chunk.job_id,
         server=chunk.server,
         claimed=len(claims),
         skipped=len(chunk.items) - len(claims),
         committed=len(committed),
-        refused=len(outcomes) - len(committed),
+        refused=len(finished) - len(committed),
+        released=len(outcomes) - len(finished),
         succeeded=sum(1 for r in committed if r.status == "succeeded"),
         failed=sum(1 for r in committed if r.status == "failed"),
     )
+
+
+async def drain(ctx: ExecutionContext, grace_s: float) -> None:
+    """Graceful shutdown: start nothing new, give back what has not started, let calls in flight
+    finish within ``grace_s``, then give back the rest and stop them."""
+    ctx.draining = True
+    waiting = [m for m, state in ctx.held.items() if state == WAITING]
+    await _release(ctx, waiting)
+    calling = [task for m, task in ctx.item_tasks.items() if ctx.held.get(m) == CALLING]
+    if calling:
+        await asyncio.wait(calling, timeout=grace_s)
+    late = [m for m, state in ctx.held.items() if state == CALLING]
+    await _release(ctx, late)
+    for member in late:
+        task = ctx.item_tasks.get(member)
+        if task is not None:
+            task.cancel()
+
+
+async def _release(ctx: ExecutionContext, members: list[str]) -> None:
+    for member in members:
+        ctx.held[member] = RELEASED
+    await ctx.store.release(members)

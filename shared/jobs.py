@@ -28,7 +28,9 @@ class Enqueuer(Protocol):
     def check(self) -> None:
         """Raise RedisUnavailable when the broker cannot be reached."""
 
-    def enqueue(self, chunks: Sequence[Chunk]) -> None: ...
+    def enqueue(self, chunks: Sequence[Chunk], *, urgent: bool = False) -> None:
+        """Put chunks on their servers' queues; ``urgent`` ones (taken back from a dead worker)
+        go ahead of new work."""
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,19 @@ class JobKeys:
     events: str  # stream: this job's item and job events
     notify: str  # pub/sub channel: a nudge per committed batch, for low-latency watchers
     snapshot: str  # hash: log-mode snapshot {state, last_id, count, at_ms}
+    lost: str  # hash: index -> how many times the item's lease expired (poison detection)
 
     def all(self) -> list[str]:
-        return [self.meta, self.items, self.results, self.epochs, self.running, self.events, self.snapshot]
+        return [
+            self.meta,
+            self.items,
+            self.results,
+            self.epochs,
+            self.running,
+            self.events,
+            self.snapshot,
+            self.lost,
+        ]
 
 
 @dataclass(frozen=True)
@@ -45,6 +55,7 @@ class Keys:
             events=f"{base}:events",
             notify=f"{base}:notify",
             snapshot=f"{base}:snapshot",
+            lost=f"{base}:lost",
         )
 
     @property
@@ -56,6 +67,19 @@ class Keys:
     def events(self) -> str:
         """Global stream of item and job events, capped in length."""
         return f"{self.prefix}events"
+
+    @property
+    def leases(self) -> str:
+        """Sorted set of leased items ("job_id:index") by lease expiry (ms); the reaper scans it.
+
+        One set for all jobs keeps the reaper's scan a single range query; it is the one
+        key a job's scripts touch outside the job's hash tag.
+        """
+        return f"{self.prefix}leases"
+
+    @property
+    def reaper_lock(self) -> str:
+        return f"{self.prefix}reaper:lock"
 
     def idempotency(self, key: str) -> str:
         return f"{self.prefix}idem:{key}"

@@ -111,6 +111,7 @@ class ChunkReport(BaseModel):
     skipped: int
     committed: int
     refused: int
+    released: int = 0
     succeeded: int
     failed: int
 

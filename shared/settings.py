@@ -77,6 +77,21 @@ class WorkerSettings(_Strict):
     chunks_in_flight: int = Field(default=4, ge=1, le=64)
     calls_in_flight: int = Field(default=32, ge=1, le=4096)
     commit_batch_size: int = Field(default=256, ge=1, le=10_000)
+    # Leases: a worker holds each item it runs under a lease it renews every heartbeat; the reaper
+    # takes back items whose lease expired (their worker died or stalled) and runs them again.
+    lease_s: float = Field(default=5.0, gt=0)
+    heartbeat_s: float = Field(default=1.0, gt=0)
+    reaper_interval_s: float = Field(default=1.0, gt=0)
+    max_lease_losses: int = Field(default=3, ge=1)
+    shutdown_grace_s: float = Field(default=10.0, ge=0)
+    # Broker backstop only (leases do the fast takeover): an unacked message is redelivered after this.
+    visibility_timeout_s: int = Field(default=300, ge=10)
+
+    @model_validator(mode="after")
+    def _heartbeat_within_lease(self) -> WorkerSettings:
+        if self.heartbeat_s * 2 > self.lease_s:
+            raise ValueError("heartbeat_s must be at most half of lease_s, or live leases expire")
+        return self
 
 
 class StateSettings(_Strict):

@@ -72,6 +72,8 @@ class JobStore:
         self.global_events_maxlen = global_events_maxlen
         self._claim = client.register_script(load_lua("claim"))
         self._commit = client.register_script(load_lua("commit"))
+        self._expire = client.register_script(load_lua("expire"))
+        self._unlock = client.register_script(load_lua("unlock"))
 
     # --- submit side -------------------------------------------------------------------------
 
@@ -120,11 +122,23 @@ class JobStore:
 
     # --- worker side -------------------------------------------------------------------------
 
-    async def claim(self, job_id: str, indexes: Sequence[int], worker: str) -> list[Claim]:
+    async def claim(
+        self, job_id: str, indexes: Sequence[int], worker: str, lease_s: float = 5.0
+    ) -> list[Claim]:
+        """Lease the unsettled, unleased items among ``indexes`` to ``worker`` under new epochs."""
         jk = self.keys.job(job_id)
         reply = await self._claim(
-            keys=[jk.meta, jk.items, jk.results, jk.epochs, jk.running, jk.events, self.keys.events],
-            args=[worker, self.global_events_maxlen, *indexes],
+            keys=[
+                jk.meta,
+                jk.items,
+                jk.results,
+                jk.epochs,
+                jk.running,
+                jk.events,
+                self.keys.events,
+                self.keys.leases,
+            ],
+            args=[worker, self.global_events_maxlen, int(lease_s * 1000), *indexes],
         )
         if reply == [-1]:
             raise JobNotFound(f"job {job_id} does not exist")
@@ -155,7 +169,56 @@ class JobStore:
         )
 
     def _commit_keys(self, jk: JobKeys) -> list[str]:
-        return [jk.meta, jk.results, jk.epochs, jk.running, jk.events, self.keys.events, jk.notify]
+        return [
+            jk.meta,
+            jk.results,
+            jk.epochs,
+            jk.running,
+            jk.events,
+            self.keys.events,
+            jk.notify,
+            self.keys.leases,
+        ]
+
+    # --- leases ------------------------------------------------------------------------------
+
+    async def renew(self, members: Sequence[str], lease_s: float) -> None:
+        """Extend the leases of in-flight items ("job_id:index") in one round trip.
+
+        XX: a lease the reaper already took back stays gone; the holder's commit will be refused.
+        """
+        if members:
+            expiry = int(time.time() * 1000 + lease_s * 1000)
+            await self.client.zadd(self.keys.leases, dict.fromkeys(members, expiry), xx=True)
+
+    async def release(self, members: Sequence[str]) -> None:
+        """Give leases back at once (graceful shutdown): the reaper reassigns them without a loss."""
+        if members:
+            await self.client.zadd(self.keys.leases, dict.fromkeys(members, 0), xx=True)
+
+    async def expired_leases(self, limit: int = 1000) -> dict[str, list[int]]:
+        """Items whose lease has expired, by job."""
+        members = await self.client.zrangebyscore(self.keys.leases, "-inf", now_ms(), start=0, num=limit)
+        by_job: dict[str, list[int]] = {}
+        for member in members:
+            job_id, _, index = member.rpartition(":")
+            by_job.setdefault(job_id, []).append(int(index))
+        return by_job
+
+    async def take_back(self, job_id: str, indexes: Sequence[int]) -> list[tuple[int, int]]:
+        """Fence and free expired items of one job; returns (index, lease losses) to run again."""
+        jk = self.keys.job(job_id)
+        reply = await self._expire(
+            keys=[jk.meta, jk.results, jk.epochs, jk.running, self.keys.leases, jk.lost],
+            args=[job_id, now_ms(), *indexes],
+        )
+        return [(int(reply[i]), int(reply[i + 1])) for i in range(0, len(reply), 2)]
+
+    async def try_lock(self, key: str, token: str, ttl_s: float) -> bool:
+        return bool(await self.client.set(key, token, nx=True, px=int(ttl_s * 1000)))
+
+    async def unlock(self, key: str, token: str) -> None:
+        await self._unlock(keys=[key], args=[token])
 
     # --- read side ---------------------------------------------------------------------------
 

@@ -8,7 +8,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_init, worker_process_init, worker_process_shutdown, worker_shutdown
+from celery.signals import (
+    worker_init,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_shutdown,
+    worker_shutting_down,
+)
 
 import celeryconfig
 from shared.errors import RedisUnavailable
@@ -20,20 +26,28 @@ from workers.runtime import WorkerRuntime
 log = logging.getLogger(__name__)
 
 RUN_CHUNK = "toolswarm.run_chunk"
+URGENT_PRIORITY = 0
+NORMAL_PRIORITY = 6
 
 
 class RuntimeHolder:
     """The worker runtime of this process, started by Celery's lifecycle signals."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, app: Celery) -> None:
         self.settings = settings
+        self.app = app
         self.runtime: WorkerRuntime | None = None
 
     def start(self) -> WorkerRuntime:
         if self.runtime is None or self.runtime.pid != os.getpid():
-            self.runtime = WorkerRuntime(self.settings)
+            enqueuer = CeleryEnqueuer(self.app, Keys(self.settings.namespace))
+            self.runtime = WorkerRuntime(self.settings, enqueuer)
             self.runtime.start()
         return self.runtime
+
+    def drain(self) -> None:
+        if self.runtime is not None and self.runtime.pid == os.getpid():
+            self.runtime.begin_drain()
 
     def stop(self) -> None:
         if self.runtime is not None and self.runtime.pid == os.getpid():
@@ -46,7 +60,7 @@ def create_app(settings: Settings | None = None) -> Celery:
     app = Celery("toolswarm", set_as_current=True)
     app.conf.update(celeryconfig.from_settings(settings))
     app.conf.include = ["tasks.chunks"]
-    holder = RuntimeHolder(settings)
+    holder = RuntimeHolder(settings, app)
     app.toolswarm_runtime = holder  # type: ignore[attr-defined]
 
     def _start_in_main_process(sender: Any = None, **_: Any) -> None:
@@ -60,9 +74,13 @@ def create_app(settings: Settings | None = None) -> Celery:
     def _stop(**_: Any) -> None:
         holder.stop()
 
+    def _drain(**_: Any) -> None:
+        holder.drain()
+
     # weak=False: the receivers are closures that must live as long as the app.
     worker_init.connect(_start_in_main_process, weak=False)
     worker_process_init.connect(_start_in_child, weak=False)
+    worker_shutting_down.connect(_drain, weak=False)
     worker_shutdown.connect(_stop, weak=False)
     worker_process_shutdown.connect(_stop, weak=False)
     return app
@@ -88,7 +106,9 @@ class CeleryEnqueuer:
         except Exception as exc:  # kombu wraps transport errors in many types
             raise RedisUnavailable(f"cannot reach the broker at {self.app.conf.broker_url}: {exc}") from None
 
-    def enqueue(self, chunks: Sequence[Chunk]) -> None:
+    def enqueue(self, chunks: Sequence[Chunk], *, urgent: bool = False) -> None:
+        # On the Redis transport a lower priority number is served first.
+        priority = URGENT_PRIORITY if urgent else NORMAL_PRIORITY
         with self.app.producer_or_acquire() as producer:
             for chunk in chunks:
                 self.app.send_task(
@@ -96,6 +116,7 @@ class CeleryEnqueuer:
                     kwargs=chunk.model_dump(),
                     queue=self.keys.queue(chunk.server),
                     producer=producer,
+                    priority=priority,
                 )
 
 

@@ -19,16 +19,17 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 from shared.embedded import redis_url
-from shared.executor import BatchCommitter, ExecutionContext
+from shared.executor import BatchCommitter, ExecutionContext, drain
+from shared.jobs import Enqueuer
 from shared.keys import Keys
 from shared.mcp_client import McpPool
+from shared.reaper import reap_once
 from shared.settings import Settings
 from shared.store import JobStore, connect
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-HEARTBEAT_INTERVAL_S = 2.0
 HEARTBEAT_TTL_S = 10
 # Set by `toolswarm up` and `toolswarm demo` for the workers they supervise.
 PARENT_PID_ENV = "TOOLSWARM_PARENT_PID"
@@ -39,14 +40,16 @@ def default_worker_id() -> str:
 
 
 class WorkerRuntime:
-    def __init__(self, settings: Settings, worker_id: str | None = None) -> None:
+    def __init__(self, settings: Settings, enqueuer: Enqueuer, worker_id: str | None = None) -> None:
         self.settings = settings
+        self.enqueuer = enqueuer
         self.worker_id = worker_id or default_worker_id()
         self.pid = os.getpid()
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run_loop, name="toolswarm-loop", daemon=True)
         self._context: ExecutionContext | None = None
         self._heartbeat: asyncio.Task[None] | None = None
+        self._reaper: asyncio.Task[None] | None = None
         self._pool: McpPool | None = None
 
     @property
@@ -81,12 +84,16 @@ class WorkerRuntime:
             worker_id=self.worker_id,
         )
         self._heartbeat = asyncio.create_task(self._beat(), name="toolswarm-heartbeat")
+        self._reaper = asyncio.create_task(self._reap(), name="toolswarm-reaper")
 
     async def _beat(self) -> None:
-        store = self.context.store
-        key = store.keys.worker(self.worker_id)
+        """Every heartbeat: renew the leases of all in-flight items and the worker's liveness key,
+        in one round trip."""
+        ctx = self.context
+        key = ctx.store.keys.worker(self.worker_id)
         record = json.dumps({"worker": self.worker_id, "pid": self.pid, "started_at": time.time()})
         parent = os.environ.get(PARENT_PID_ENV)
+        worker = self.settings.worker
         while True:
             if parent and os.getppid() != int(parent):
                 # Whoever started us (toolswarm up / demo) is gone: do not linger as an orphan.
@@ -94,15 +101,42 @@ class WorkerRuntime:
                 os.kill(self.pid, signal.SIGTERM)
                 parent = None
             try:
-                await store.client.set(key, record, ex=HEARTBEAT_TTL_S)
+                await ctx.store.renew(ctx.leased(), worker.lease_s)
+                await ctx.store.client.set(key, record, ex=max(HEARTBEAT_TTL_S, int(worker.lease_s * 2)))
             except Exception as exc:  # a heartbeat loop must outlive a Redis blip
                 log.warning("heartbeat failed: %s", exc)
-            await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+            await asyncio.sleep(worker.heartbeat_s)
+
+    async def _reap(self) -> None:
+        ctx = self.context
+        while True:
+            await asyncio.sleep(self.settings.worker.reaper_interval_s)
+            if ctx.draining:
+                continue
+            try:
+                report = await reap_once(ctx.store, self.enqueuer, self.settings, self.worker_id)
+                if report.requeued or report.poisoned:
+                    log.warning(
+                        "reaper: %d items taken back and requeued, %d poisoned",
+                        report.requeued,
+                        report.poisoned,
+                    )
+            except Exception as exc:  # the reaper must outlive a Redis blip
+                log.warning("reaper failed: %s", exc)
+
+    def begin_drain(self) -> None:
+        """Called on SIGTERM: stop starting items, finish calls in flight within the grace period,
+        give the other leases back. Returns at once; Celery waits for the chunk tasks."""
+        if self._context is not None and self._thread.is_alive():
+            asyncio.run_coroutine_threadsafe(
+                drain(self._context, self.settings.worker.shutdown_grace_s), self.loop
+            )
 
     async def _close(self) -> None:
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            await asyncio.gather(self._heartbeat, return_exceptions=True)
+        for task in (self._heartbeat, self._reaper):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self._context is not None:
             store = self._context.store
             try:

@@ -1,9 +1,13 @@
--- Claim items of one job for a worker, skipping settled ones.
--- Each claim bumps the item's fencing epoch; only a commit carrying the newest epoch lands.
--- KEYS: meta, items, results, epochs, running, job_events, global_events
--- ARGV: worker, global_maxlen, index...
+-- Claim items of one job for a worker: take a lease and a fencing epoch on each.
+-- Skips items that are settled, and items whose lease another worker still holds (a duplicate
+-- delivery must not run them twice). Each claim bumps the item's epoch; only a commit carrying
+-- the newest epoch lands, so a worker whose lease was taken over cannot write.
+-- KEYS: meta, items, results, epochs, running, job_events, global_events, leases
+-- ARGV: worker, global_maxlen, lease_ms, index...
 -- Returns a flat list {index, epoch, item_json, ...}; {-1} when the job does not exist.
 local meta, items, results, epochs, running = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local leases = KEYS[8]
+local worker, lease_ms = ARGV[1], tonumber(ARGV[3])
 local state = redis.call('HGET', meta, 'state')
 if not state then
   return {-1}
@@ -11,11 +15,11 @@ end
 if state == 'finished' or state == 'cancelled' or redis.call('HGET', meta, 'cancel_requested') then
   return {}
 end
+local now = redis.call('TIME')
+local now_ms = now[1] * 1000 + math.floor(now[2] / 1000)
+local job_id = redis.call('HGET', meta, 'job_id')
 if state == 'pending' then
-  local now = redis.call('TIME')
-  local now_ms = now[1] * 1000 + math.floor(now[2] / 1000)
   redis.call('HSET', meta, 'state', 'running', 'started_at_ms', now_ms)
-  local job_id = redis.call('HGET', meta, 'job_id')
   redis.call('XADD', KEYS[6], '*', 'type', 'job.started', 'job_id', job_id, 'at_ms', now_ms)
   redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[2], '*', 'type', 'job.started', 'job_id', job_id,
     'at_ms', now_ms)
@@ -24,13 +28,23 @@ if state == 'pending' then
   end
 end
 local claimed = {}
-for i = 3, #ARGV do
+for i = 4, #ARGV do
   local index = ARGV[i]
-  if redis.call('HEXISTS', results, index) == 0 then
+  local member = job_id .. ':' .. index
+  local free = redis.call('HEXISTS', results, index) == 0
+  if free then
+    local holder = redis.call('HGET', running, index)
+    local expiry = tonumber(redis.call('ZSCORE', leases, member) or '0')
+    if holder and expiry > now_ms and string.match(holder, '^%S+') ~= worker then
+      free = false
+    end
+  end
+  if free then
     local spec = redis.call('HGET', items, index)
     if spec then
       local epoch = redis.call('HINCRBY', epochs, index, 1)
-      redis.call('HSET', running, index, ARGV[1])
+      redis.call('HSET', running, index, worker .. ' ' .. epoch .. ' ' .. now_ms)
+      redis.call('ZADD', leases, now_ms + lease_ms, member)
       claimed[#claimed + 1] = index
       claimed[#claimed + 1] = epoch
       claimed[#claimed + 1] = spec

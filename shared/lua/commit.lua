@@ -4,13 +4,13 @@
 -- marked finished (or cancelled) and job.completed is appended, exactly once.
 -- State modes: 'cas' moves the counters of the job record (and its version) in place;
 -- 'log' only appends item.settled events, whose fold is the job view (see jobview.py).
--- KEYS: meta, results, epochs, running, job_events, global_events, notify_channel
+-- KEYS: meta, results, epochs, running, job_events, global_events, notify_channel, leases
 -- ARGV: job_id, global_maxlen, force ("1" skips the epoch check), then per item:
 --       index, epoch, status, record_json
 -- Returns {committed, refused, job_finished (0|1), landed, unsnapshotted}; landed has one char
 -- per item ('1' committed, '0' refused); unsnapshotted counts log events since the snapshot.
 local meta, results, epochs, running = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local job_events, global_events, notify = KEYS[5], KEYS[6], KEYS[7]
+local job_events, global_events, notify, leases = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local job_id, maxlen, force = ARGV[1], ARGV[2], ARGV[3] == '1'
 local log_mode = redis.call('HGET', meta, 'state_mode') == 'log'
 
@@ -38,6 +38,7 @@ for i = 4, #ARGV, 4 do
   else
     redis.call('HSET', results, index, record)
     redis.call('HDEL', running, index)
+    redis.call('ZREM', leases, job_id .. ':' .. index)
     if not log_mode then
       redis.call('HINCRBY', meta, status, 1)
     end
