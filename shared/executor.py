@@ -18,11 +18,12 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from shared.batching import Coalescer
 from shared.errors import RetriesExhausted, ToolFailed, ToolswarmError, TransientError, UnknownTool
 from shared.mcp_client import ToolCaller
 from shared.models import CallResult, Chunk, ChunkReport, ItemError, ResultRecord, item_id
 from shared.settings import RetryPolicy, Settings, StateSettings
-from shared.store import Claim, JobStore, Settlement, now_ms
+from shared.store import Claim, CommitOutcome, JobStore, Settlement, now_ms
 
 UNKNOWN_TOOL_PREFIX = "Unknown tool:"
 COMMIT_RETRY_S = 60.0
@@ -54,63 +55,47 @@ def tool_error_of(result: CallResult, tool: str) -> ToolswarmError:
 
 
 class BatchCommitter:
-    """Coalesces commits from many concurrent items into one script call per job per round trip.
-
-    The first commit starts a flush at once; commits that arrive while it is in flight ride the
-    next one. Latency stays at one round trip when idle, and batches grow under load.
-    """
+    """Coalesces commits from many concurrent items into one script call per job per round trip."""
 
     def __init__(self, store: JobStore, max_batch: int = 256, snapshots: StateSettings | None = None) -> None:
         self.store = store
-        self.max_batch = max_batch
         self.snapshots = snapshots or StateSettings()
-        self._pending: list[tuple[str, Settlement, asyncio.Future[bool]]] = []
-        self._flusher: asyncio.Task[None] | None = None
+        self._batches: Coalescer[tuple[str, Settlement], bool] = Coalescer(self._commit_batch, max_batch)
         self._snapshotted_at: dict[str, float] = {}
         self._snapshotting: set[asyncio.Task[bool]] = set()
 
     async def commit(self, job_id: str, settlement: Settlement) -> bool:
         """Commit one result; True if it landed, False if refused (already settled or stale epoch)."""
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._pending.append((job_id, settlement, future))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush())
-        return await future
+        return await self._batches.submit((job_id, settlement))
 
-    async def _flush(self) -> None:
-        while self._pending:
-            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
-            by_job: dict[str, list[tuple[Settlement, asyncio.Future[bool]]]] = defaultdict(list)
-            for job_id, settlement, future in batch:
-                by_job[job_id].append((settlement, future))
-            for job_id, entries in by_job.items():
-                await self._commit_job(job_id, entries)
-
-    async def _commit_job(self, job_id: str, entries: list[tuple[Settlement, asyncio.Future[bool]]]) -> None:
-        try:
-            # Results already computed are worth waiting for: ride out a Redis restart.
-            async for attempt in AsyncRetrying(
-                stop=stop_after_delay(COMMIT_RETRY_S),
-                wait=wait_exponential_jitter(multiplier=0.1, max=2.0, jitter=0.1),
-                retry=retry_if_exception_type((RedisConnectionError, RedisTimeoutError)),
-                reraise=True,
+    async def _commit_batch(self, entries: list[tuple[str, Settlement]]) -> list[bool]:
+        by_job: dict[str, list[int]] = defaultdict(list)
+        for position, (job_id, _) in enumerate(entries):
+            by_job[job_id].append(position)
+        landed = [False] * len(entries)
+        for job_id, positions in by_job.items():
+            outcome = await self._commit_job(job_id, [entries[p][1] for p in positions])
+            for position, ok in zip(positions, outcome.landed, strict=True):
+                landed[position] = ok
+            if outcome.unsnapshotted and self._snapshot_due(
+                job_id, outcome.unsnapshotted, outcome.job_finished
             ):
-                with attempt:
-                    outcome = await self.store.commit(job_id, [s for s, _ in entries])
-        except BaseException as exc:
-            for _, future in entries:
-                if not future.done():
-                    future.set_exception(exc)
-            if not isinstance(exc, Exception):
-                raise
-            return
-        for (_, future), landed in zip(entries, outcome.landed, strict=True):
-            if not future.done():
-                future.set_result(landed)
-        if outcome.unsnapshotted and self._snapshot_due(job_id, outcome.unsnapshotted, outcome.job_finished):
-            task = asyncio.create_task(self.store.snapshot(job_id))
-            self._snapshotting.add(task)
-            task.add_done_callback(self._snapshotting.discard)
+                task = asyncio.create_task(self.store.snapshot(job_id))
+                self._snapshotting.add(task)
+                task.add_done_callback(self._snapshotting.discard)
+        return landed
+
+    async def _commit_job(self, job_id: str, settlements: list[Settlement]) -> CommitOutcome:
+        # Results already computed are worth waiting for: ride out a Redis restart.
+        async for attempt in AsyncRetrying(
+            stop=stop_after_delay(COMMIT_RETRY_S),
+            wait=wait_exponential_jitter(multiplier=0.1, max=2.0, jitter=0.1),
+            retry=retry_if_exception_type((RedisConnectionError, RedisTimeoutError)),
+            reraise=True,
+        ):
+            with attempt:
+                return await self.store.commit(job_id, settlements)
+        raise AssertionError("unreachable: tenacity either returns or raises")
 
     def _snapshot_due(self, job_id: str, unsnapshotted: int, finished: bool) -> bool:
         """Log mode: snapshot every N events, every T seconds, and when the job finishes."""
@@ -149,6 +134,10 @@ class ExecutionContext:
     held: dict[str, str] = field(default_factory=dict)  # "job_id:index" -> WAITING | CALLING | RELEASED
     item_tasks: dict[str, asyncio.Task[tuple[ResultRecord, bool] | None]] = field(default_factory=dict)
     draining: bool = False
+    marker: Coalescer[tuple[str, int, int], None] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.marker = Coalescer(self.store.mark_calling)
 
     def limit(self, server: str) -> asyncio.Semaphore:
         semaphore = self.limits.get(server)
@@ -179,7 +168,10 @@ async def call_item(ctx: ExecutionContext, job_id: str, claim: Claim) -> ResultR
                     if ctx.draining:
                         raise Draining(member)
                     attempts += 1
-                    ctx.held[member] = CALLING
+                    if ctx.held.get(member) != CALLING:
+                        # Recorded before the call, so a call that kills its worker is blamed on this item.
+                        await ctx.marker.submit((job_id, claim.index, claim.epoch))
+                        ctx.held[member] = CALLING
                     result = await ctx.caller.call(server, spec.tool, spec.arguments, config.timeout_s)
         assert result is not None
         if result.is_error:

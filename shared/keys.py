@@ -21,7 +21,8 @@ class JobKeys:
     events: str  # stream: this job's item and job events
     notify: str  # pub/sub channel: a nudge per committed batch, for low-latency watchers
     snapshot: str  # hash: log-mode snapshot {state, last_id, count, at_ms}
-    lost: str  # hash: index -> how many times the item's lease expired (poison detection)
+    lost: str  # hash: index -> how many times the item's lease expired mid-call (poison detection)
+    calling: str  # hash: index -> epoch under which the item's call started
 
     def all(self) -> list[str]:
         return [
@@ -56,6 +57,7 @@ class Keys:
             notify=f"{base}:notify",
             snapshot=f"{base}:snapshot",
             lost=f"{base}:lost",
+            calling=f"{base}:calling",
         )
 
     @property

@@ -115,6 +115,8 @@ class Settings(BaseSettings):
     api_token: SecretStr | None = None
     global_events_maxlen: int = Field(default=100_000, ge=100)
     state_dir: str = ".toolswarm"
+    # The embedded Valkey keeps an append-only file in state_dir/redis-data, so a restart loses nothing.
+    embedded_appendonly: bool = False
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     state: StateSettings = Field(default_factory=StateSettings)
     servers: dict[str, ServerConfig] = Field(default_factory=dict)

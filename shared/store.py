@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -26,7 +28,10 @@ def now_ms() -> int:
 
 
 def connect(url: str, **kwargs: Any) -> aioredis.Redis:
-    """An async Redis client with replies decoded to str. Connects lazily."""
+    """An async Redis client with replies decoded to str. Connects lazily, and retries a command
+    on a lost connection for ~15 s (a Redis restart) before raising."""
+    kwargs.setdefault("retry", Retry(ExponentialWithJitterBackoff(base=0.05, cap=2.0), retries=12))
+    kwargs.setdefault("retry_on_error", [RedisConnectionError, RedisTimeoutError])
     return aioredis.Redis.from_url(url, decode_responses=True, **kwargs)
 
 
@@ -191,6 +196,15 @@ class JobStore:
             expiry = int(time.time() * 1000 + lease_s * 1000)
             await self.client.zadd(self.keys.leases, dict.fromkeys(members, expiry), xx=True)
 
+    async def mark_calling(self, entries: Sequence[tuple[str, int, int]]) -> list[None]:
+        """Record that these items (job_id, index, epoch) have started their call; only an item
+        whose call had started counts a lost lease against itself (see expire.lua)."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            for job_id, index, epoch in entries:
+                pipe.hset(self.keys.job(job_id).calling, str(index), epoch)
+            await pipe.execute()
+        return [None] * len(entries)
+
     async def release(self, members: Sequence[str]) -> None:
         """Give leases back at once (graceful shutdown): the reaper reassigns them without a loss."""
         if members:
@@ -209,7 +223,7 @@ class JobStore:
         """Fence and free expired items of one job; returns (index, lease losses) to run again."""
         jk = self.keys.job(job_id)
         reply = await self._expire(
-            keys=[jk.meta, jk.results, jk.epochs, jk.running, self.keys.leases, jk.lost],
+            keys=[jk.meta, jk.results, jk.epochs, jk.running, self.keys.leases, jk.lost, jk.calling],
             args=[job_id, now_ms(), *indexes],
         )
         return [(int(reply[i]), int(reply[i + 1])) for i in range(0, len(reply), 2)]

@@ -269,7 +269,15 @@ class FakeCaller:
 
 
 class Unused:
-    """Stands in for the store and committer: call_item must not touch them."""
+    """Stands in for the store and committer: call_item must not touch them, except to record
+    (once, before the first call) that the item's call started."""
+
+    def __init__(self) -> None:
+        self.marked: list[tuple[str, int, int]] = []
+
+    async def mark_calling(self, entries: list[tuple[str, int, int]]) -> list[None]:
+        self.marked.extend(entries)
+        return [None] * len(entries)
 
     def __getattr__(self, name: str) -> Any:
         raise AssertionError(f"call_item used {name!r} of the store/committer")
