@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -13,13 +14,14 @@ from typing import Protocol
 
 from pydantic import ValidationError
 
-from shared.errors import JobSpecError
+from shared.errors import JobNotFound, JobSpecError
 from shared.models import Chunk, ItemSpec, JobSpec, JobStatus, ResultRecord, item_id
 from shared.settings import Settings, describe_validation_error
 from shared.store import JobStore, Settlement, now_ms
 
 MAX_REPORTED_ERRORS = 20
 CANCEL_BATCH = 1000
+IDEMPOTENT_WAIT_S = 30.0
 
 
 class Enqueuer(Protocol):
@@ -126,7 +128,7 @@ async def submit_job(spec: JobSpec, settings: Settings, store: JobStore, enqueue
     if spec.idempotency_key:
         bound = await store.reserve_idempotency_key(spec.idempotency_key, job_id)
         if bound != job_id:
-            status = await store.status(bound)
+            status = await _bound_job(store, bound)
             return Submitted(job_id=bound, total=status.total, chunks=0, existing=True)
     try:
         state_mode = spec.state_mode or settings.state.mode
@@ -138,6 +140,18 @@ async def submit_job(spec: JobSpec, settings: Settings, store: JobStore, enqueue
         await store.discard_job(job_id, spec.idempotency_key)
         raise
     return Submitted(job_id=job_id, total=len(items), chunks=len(chunks))
+
+
+async def _bound_job(store: JobStore, job_id: str) -> JobStatus:
+    """The job an idempotency key is bound to; a concurrent submitter may still be writing it."""
+    deadline = time.monotonic() + IDEMPOTENT_WAIT_S
+    while True:
+        try:
+            return await store.status(job_id)
+        except JobNotFound:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
 
 
 async def cancel_job(store: JobStore, job_id: str) -> JobStatus:
