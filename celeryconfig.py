@@ -7,6 +7,7 @@ from typing import Any
 from shared.embedded import broker_url
 from shared.settings import Settings
 
+
 def from_settings(settings: Settings) -> dict[str, Any]:
     return {
         "broker_url": broker_url(settings),
