@@ -229,6 +229,7 @@ def servers(as_json: JsonFlag = False) -> None:
 def worker(
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
     hostname: Annotated[str | None, typer.Option(help="Celery node name (default: celery@HOST).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No start-up banner.")] = False,
 ) -> None:
     """Run one worker process (a Celery worker of the toolswarm app)."""
     from workers.app import create_app, worker_argv
@@ -236,7 +237,7 @@ def worker(
     with _errors_as_one_line():
         config = settings()
         celery_app = create_app(config)
-        celery_app.worker_main(argv=worker_argv(config, hostname=hostname, loglevel=loglevel))
+        celery_app.worker_main(argv=worker_argv(config, hostname=hostname, loglevel=loglevel, quiet=quiet))
 
 
 @app.command()
@@ -277,6 +278,26 @@ def flower(
     with _errors_as_one_line():
         celery_app = create_app(settings())
         celery_app.start(argv=["flower", f"--address={address}", f"--port={port}"])
+
+
+@app.command()
+def api(
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to serve on.")] = 8080,
+    max_body_mb: Annotated[int, typer.Option(min=1, help="Largest request body accepted (MiB).")] = 16,
+) -> None:
+    """Serve the HTTP API (FastAPI on uvicorn). Set TOOLSWARM_API_TOKEN to require a bearer token."""
+    import uvicorn
+
+    from api.app import create_api
+
+    with _errors_as_one_line():
+        uvicorn.run(
+            create_api(settings(), max_body_bytes=max_body_mb * 1024 * 1024),
+            host=host,
+            port=port,
+            log_level="warning",
+        )
 
 
 def main(argv: list[str] | None = None) -> Any:

@@ -56,7 +56,7 @@ def wait_for_port(port: int, timeout: float, process: subprocess.Popen[bytes] | 
 
 def spawn_worker(env: dict[str, str], loglevel: str, name: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "cli", "worker", f"--loglevel={loglevel}", f"--hostname={name}@%h"],
+        [sys.executable, "-m", "cli", "worker", "--quiet", f"--loglevel={loglevel}", f"--hostname={name}@%h"],
         env={**env, PARENT_PID_ENV: str(os.getpid())},
         start_new_session=True,
     )

@@ -120,8 +120,11 @@ class EmbeddedRedis:
         if self._server is None:
             return
         path = state_file(self.settings)
-        info = read_embedded(self.settings)
-        if info is not None and info.pid == os.getpid():
+        try:
+            owner = json.loads(path.read_text(encoding="utf-8")).get("pid")
+        except (OSError, ValueError):
+            owner = None
+        if owner == os.getpid():
             path.unlink(missing_ok=True)
         self._server.stop()
         self._server = None

@@ -295,6 +295,29 @@ class JobStore:
                 if raw is not None:
                     yield ResultRecord.model_validate_json(raw)
 
+    async def results_page(
+        self, job_id: str, start: int, limit: int, status: str | None = None
+    ) -> tuple[list[ResultRecord], int | None]:
+        """Up to ``limit`` settled results from item ``start`` on (optionally of one status), and
+        the index to continue from (None at the end)."""
+        total = (await self.status(job_id)).total
+        page: list[ResultRecord] = []
+        index = start
+        results_key = self.keys.job(job_id).results
+        while index < total and len(page) < limit:
+            window = range(index, min(index + WRITE_BATCH, total))
+            raws = await self.client.hmget(results_key, [str(i) for i in window])
+            for i, raw in zip(window, raws, strict=True):
+                index = i + 1
+                if raw is None:
+                    continue
+                record = ResultRecord.model_validate_json(raw)
+                if status in (None, record.status):
+                    page.append(record)
+                    if len(page) == limit:
+                        break
+        return page, (index if index < total else None)
+
     async def item_specs(self, job_id: str, indexes: Sequence[int]) -> dict[int, ItemSpec]:
         jk = self.keys.job(job_id)
         raws = await self.client.hmget(jk.items, [str(i) for i in indexes])

@@ -120,13 +120,16 @@ class CeleryEnqueuer:
                 )
 
 
-def worker_argv(settings: Settings, *, hostname: str | None = None, loglevel: str = "INFO") -> list[str]:
+def worker_argv(
+    settings: Settings, *, hostname: str | None = None, loglevel: str = "INFO", quiet: bool = False
+) -> list[str]:
     """The ``celery worker`` arguments of a toolswarm worker process."""
     keys = Keys(settings.namespace)
     queues = (
         ",".join(keys.queue(name) for name in sorted(settings.servers)) or f"{settings.namespace}.default"
     )
     argv = [
+        *(["--quiet"] if quiet else []),  # no start-up banner
         "worker",
         "--pool=threads",
         f"--concurrency={settings.worker.chunks_in_flight}",

@@ -1,0 +1,288 @@
+"""The HTTP API: submit, follow and cancel jobs. Built by ``create_api(settings)``, never at import."""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, Literal
+
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from shared import events
+from shared.embedded import redis_url
+from shared.errors import JobNotFound, JobSpecError, RedisUnavailable
+from shared.jobs import Enqueuer, resolve_items, submit_job
+from shared.keys import Keys
+from shared.models import ItemSpec, JobSpec, JobStatus, ResultRecord, StateMode
+from shared.settings import Settings
+from shared.store import JobStore, connect, ping
+
+MAX_RESULTS_PAGE = 1000
+SSE_BLOCK_MS = 1000
+
+
+class ItemIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tool: str | None = Field(default=None, min_length=1)
+    arguments: dict[str, Any] = Field(default_factory=dict)
+    server: str | None = None
+    key: str | None = None
+
+
+class JobIn(BaseModel):
+    """A job: items, with ``server`` and ``tool`` filling in items that name none."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[ItemIn] = Field(min_length=1)
+    server: str | None = None
+    tool: str | None = None
+    chunk_size: int | None = Field(default=None, ge=1, le=10_000)
+    state_mode: StateMode | None = None
+
+
+class Submitted(BaseModel):
+    job_id: str
+    total: int
+    existing: bool
+
+
+class ResultsPage(BaseModel):
+    results: list[ResultRecord]
+    next_cursor: str | None = Field(description="Pass as ?cursor= for the next page; null at the end.")
+
+
+class ServerOut(BaseModel):
+    name: str
+    transport: str
+    max_concurrency: int
+    timeout_s: float
+
+
+def problem(status: int, message: str, errors: list[dict[str, Any]] | None = None) -> JSONResponse:
+    body: dict[str, Any] = {"detail": message}
+    if errors is not None:
+        body["errors"] = errors
+    return JSONResponse(status_code=status, content=body)
+
+
+class BodyLimit:
+    """Refuses request bodies over ``limit`` bytes with 413, whether or not they declare a length."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await problem(413, f"request body over {self.limit} bytes")(scope, receive, send)
+            return
+        seen = 0
+        refused = False
+
+        async def limited() -> Message:
+            nonlocal seen, refused
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit and not refused:
+                    refused = True
+                    await problem(413, f"request body over {self.limit} bytes")(scope, receive, send)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def unless_refused(message: Message) -> None:
+            if not refused:  # the 413 has gone out; whatever the app answers is dropped
+                await send(message)
+
+        await self.app(scope, limited, unless_refused)
+
+
+def to_job_spec(body: JobIn, idempotency_key: str | None) -> JobSpec:
+    """Fill defaults, reporting every item without a tool by its field path."""
+    errors = [
+        {"loc": ["body", "items", i, "tool"], "msg": "no tool (name one on the item or for the whole job)"}
+        for i, item in enumerate(body.items)
+        if not (item.tool or body.tool)
+    ]
+    if errors:
+        raise _Invalid(errors)
+    items = [
+        ItemSpec(
+            tool=item.tool or body.tool or "", arguments=item.arguments, server=item.server, key=item.key
+        )
+        for item in body.items
+    ]
+    try:
+        return JobSpec(
+            items=items,
+            server=body.server,
+            tool=body.tool,
+            chunk_size=body.chunk_size,
+            state_mode=body.state_mode,
+            idempotency_key=idempotency_key,
+        )
+    except ValidationError as exc:
+        raise _Invalid([{"loc": ["body", *e["loc"]], "msg": e["msg"]} for e in exc.errors()]) from None
+
+
+class _Invalid(Exception):
+    def __init__(self, errors: list[dict[str, Any]]) -> None:
+        self.errors = errors
+
+
+def create_api(
+    settings: Settings,
+    enqueuer_factory: Callable[[Settings, Keys], Enqueuer] | None = None,
+    *,
+    max_body_bytes: int = 16 * 1024 * 1024,
+) -> FastAPI:
+    keys = Keys(settings.namespace)
+    url = redis_url(settings)  # a missing Redis fails here, at start, not on the first request
+    state: dict[str, Any] = {"url": url}
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        client = connect(url, socket_connect_timeout=5)
+        state["store"] = JobStore(client, keys, settings.global_events_maxlen)
+        if enqueuer_factory is None:
+            from workers.app import CeleryEnqueuer, create_app
+
+            state["enqueuer"] = CeleryEnqueuer(create_app(settings), keys)
+        else:
+            state["enqueuer"] = enqueuer_factory(settings, keys)
+        try:
+            yield
+        finally:
+            await client.aclose()
+
+    api = FastAPI(
+        title="toolswarm",
+        version="0.1.0",
+        description="Bulk MCP tool calls on a swarm of stateless workers.",
+        lifespan=lifespan,
+    )
+    api.add_middleware(BodyLimit, limit=max_body_bytes)
+
+    def store() -> JobStore:
+        return state["store"]  # type: ignore[no-any-return]
+
+    async def authorized(authorization: Annotated[str | None, Header()] = None) -> None:
+        token = settings.api_token.get_secret_value() if settings.api_token else None
+        if token is None:
+            return
+        scheme, _, presented = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(presented.encode(), token.encode()):
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    Auth = Depends(authorized)
+
+    @api.exception_handler(JobNotFound)
+    async def _not_found(_: Request, exc: JobNotFound) -> JSONResponse:
+        return problem(404, exc.message)
+
+    @api.exception_handler(JobSpecError)
+    async def _bad_job(_: Request, exc: JobSpecError) -> JSONResponse:
+        return problem(422, exc.message)
+
+    @api.exception_handler(_Invalid)
+    async def _invalid(_: Request, exc: _Invalid) -> JSONResponse:
+        return problem(422, "invalid job", exc.errors)
+
+    @api.exception_handler(RedisUnavailable)
+    async def _unavailable(_: Request, exc: RedisUnavailable) -> JSONResponse:
+        return problem(503, exc.message)
+
+    @api.post("/v1/jobs", status_code=201, response_model=Submitted, dependencies=[Auth])
+    async def create_job(
+        body: JobIn, idempotency_key: Annotated[str | None, Header(max_length=200)] = None
+    ) -> Submitted:
+        """Submit a job. The same ``Idempotency-Key`` returns the same job."""
+        spec = to_job_spec(body, idempotency_key)
+        resolve_items(spec, settings)
+        submitted = await submit_job(spec, settings, store(), state["enqueuer"])
+        return Submitted(job_id=submitted.job_id, total=submitted.total, existing=submitted.existing)
+
+    @api.get("/v1/jobs/{job_id}", response_model=JobStatus, dependencies=[Auth])
+    async def get_job(job_id: str) -> JobStatus:
+        return await store().status(job_id)
+
+    @api.get("/v1/jobs/{job_id}/results", response_model=ResultsPage, dependencies=[Auth])
+    async def get_results(
+        job_id: str,
+        status: Literal["succeeded", "failed", "cancelled"] | None = None,
+        cursor: Annotated[str | None, Query(pattern=r"^\d+$")] = None,
+        limit: Annotated[int, Query(ge=1, le=MAX_RESULTS_PAGE)] = 100,
+    ) -> ResultsPage:
+        """Settled results in item order; ``cursor`` is opaque (the next item index)."""
+        page, next_index = await store().results_page(job_id, int(cursor or 0), limit, status)
+        return ResultsPage(results=page, next_cursor=None if next_index is None else str(next_index))
+
+    @api.post("/v1/jobs/{job_id}/cancel", response_model=JobStatus, dependencies=[Auth])
+    async def cancel(job_id: str) -> JobStatus:
+        from shared.jobs import cancel_job
+
+        return await cancel_job(store(), job_id)
+
+    @api.get("/v1/jobs/{job_id}/events", dependencies=[Auth], response_class=StreamingResponse)
+    async def job_events(
+        job_id: str, last_event_id: Annotated[str | None, Header(pattern=r"^\d+-\d+$")] = None
+    ) -> StreamingResponse:
+        """Server-sent events of the job until job.completed; resumable with ``Last-Event-ID``."""
+        await store().status(job_id)
+        return StreamingResponse(sse(job_id, last_event_id), media_type="text/event-stream")
+
+    async def sse(job_id: str, after: str | None) -> AsyncIterator[str]:
+        client = store().client
+        stream = keys.job(job_id).events
+        last = after or ""
+        for entry_id, fields in await events.history(client, stream, last):
+            yield sse_message(entry_id, fields)
+            last = entry_id
+            if fields.get("type") == "job.completed":
+                return
+        if (await store().status(job_id)).done:
+            return
+        async for entry_id, fields in events.follow(client, stream, last or "$", SSE_BLOCK_MS):
+            yield sse_message(entry_id, fields)
+            if fields.get("type") == "job.completed":
+                return
+
+    @api.get("/v1/servers", response_model=list[ServerOut], dependencies=[Auth])
+    async def servers() -> list[ServerOut]:
+        return [
+            ServerOut(
+                name=name, transport=s.transport, max_concurrency=s.max_concurrency, timeout_s=s.timeout_s
+            )
+            for name, s in sorted(settings.servers.items())
+        ]
+
+    @api.get("/healthz")
+    async def healthz() -> dict[str, bool]:
+        """The process is up."""
+        return {"ok": True}
+
+    @api.get("/readyz")
+    async def readyz() -> JSONResponse:
+        """Redis answers: the API can take jobs."""
+        try:
+            await ping(store().client, state["url"])
+        except RedisUnavailable as exc:
+            return problem(503, exc.message)
+        return JSONResponse({"ok": True})
+
+    return api
+
+
+def sse_message(entry_id: str, fields: dict[str, str]) -> str:
+    return f"id: {entry_id}\nevent: {fields.get('type', 'message')}\ndata: {json.dumps(fields)}\n\n"
