@@ -19,6 +19,7 @@ from shared.embedded import redis_url
 from shared.errors import ConfigError, JobSpecError
 from shared.jobs import Submitted, cancel_job, read_items_file, resolve_items, submit_job
 from shared.keys import Keys
+from shared.limiter import in_flight
 from shared.models import JobSpec, JobStatus, ResultRecord
 from shared.settings import Settings, describe_validation_error
 from shared.store import JobStore, connect, ping
@@ -123,6 +124,26 @@ def watch(settings: Settings, job_id: str, console: Console) -> JobStatus:
     async def go() -> JobStatus:
         async with open_store(settings) as store:
             return await watch_job(store, job_id, console)
+
+    return asyncio.run(go())
+
+
+def server_load(settings: Settings) -> dict[str, dict[str, int]]:
+    """Per server: calls in flight across the cluster, and chunks waiting in its queue."""
+
+    async def go() -> dict[str, dict[str, int]]:
+        async with open_store(settings) as store:
+            load = {}
+            for name in settings.servers:
+                queue = f"{settings.namespace}:celery:{store.keys.queue(name)}"
+                waiting = 0
+                async for key in store.client.scan_iter(match=f"{queue}*", _type="list"):
+                    waiting += await store.client.llen(key)
+                load[name] = {
+                    "in_flight": await in_flight(store.client, store.keys, name),
+                    "queued_chunks": waiting,
+                }
+            return load
 
     return asyncio.run(go())
 

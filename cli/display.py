@@ -51,9 +51,12 @@ def print_summary(console: Console, job: JobStatus) -> None:
     )
 
 
-def print_servers(console: Console, settings: Settings, workers: list[dict[str, Any]]) -> None:
+def print_servers(
+    console: Console, settings: Settings, workers: list[dict[str, Any]], load: dict[str, dict[str, int]]
+) -> None:
     table = Table(title="servers")
-    for column in ("name", "transport", "endpoint", "max_concurrency", "timeout_s", "pool_size"):
+    columns = ("name", "transport", "endpoint", "max_concurrency", "in_flight", "queued_chunks", "timeout_s")
+    for column in columns:
         table.add_column(column)
     for name, server in sorted(settings.servers.items()):
         endpoint = server.url or " ".join([server.command or "", *server.args])

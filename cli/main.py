@@ -206,12 +206,13 @@ def servers(as_json: JsonFlag = False) -> None:
     with _errors_as_one_line():
         config = settings()
         workers = commands.live_workers(config)
+        load = commands.server_load(config)
         if as_json:
             print(
                 json.dumps(
                     {
                         "servers": {
-                            name: server.model_dump(exclude={"env", "headers"})
+                            name: {**server.model_dump(exclude={"env", "headers"}), **load[name]}
                             for name, server in config.servers.items()
                         },
                         "workers": workers,
@@ -219,7 +220,7 @@ def servers(as_json: JsonFlag = False) -> None:
                 )
             )
         else:
-            display.print_servers(console, config, workers)
+            display.print_servers(console, config, workers, load)
 
 
 # --- processes --------------------------------------------------------------------------------

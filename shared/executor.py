@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -20,6 +21,7 @@ from tenacity import (
 
 from shared.batching import Coalescer
 from shared.errors import RetriesExhausted, ToolFailed, ToolswarmError, TransientError, UnknownTool
+from shared.limiter import ClusterLimiter
 from shared.mcp_client import ToolCaller
 from shared.models import CallResult, Chunk, ChunkReport, ItemError, ResultRecord, item_id
 from shared.settings import RetryPolicy, Settings, StateSettings
@@ -134,6 +136,7 @@ class ExecutionContext:
     held: dict[str, str] = field(default_factory=dict)  # "job_id:index" -> WAITING | CALLING | RELEASED
     item_tasks: dict[str, asyncio.Task[tuple[ResultRecord, bool] | None]] = field(default_factory=dict)
     draining: bool = False
+    limiter: ClusterLimiter | None = None  # cluster-wide max_concurrency; None: per process only
     marker: Coalescer[tuple[str, int, int], None] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -146,6 +149,16 @@ class ExecutionContext:
             size = min(config.max_concurrency, self.settings.worker.calls_in_flight)
             semaphore = self.limits[server] = asyncio.Semaphore(size)
         return semaphore
+
+    @asynccontextmanager
+    async def call_slot(self, server: str) -> AsyncIterator[None]:
+        """A place for one call: this process's own bound, then the server's cluster-wide slot."""
+        async with self.limit(server):
+            if self.limiter is None:
+                yield
+            else:
+                async with self.limiter.slot(server, self.settings.server(server).max_concurrency):
+                    yield
 
     def leased(self) -> list[str]:
         return [member for member, state in self.held.items() if state != RELEASED]
@@ -164,7 +177,7 @@ async def call_item(ctx: ExecutionContext, job_id: str, claim: Claim) -> ResultR
     try:
         async for attempt in retrying(config.retry):
             with attempt:
-                async with ctx.limit(server):
+                async with ctx.call_slot(server):
                     if ctx.draining:
                         raise Draining(member)
                     attempts += 1

@@ -79,6 +79,10 @@ class Keys:
         """
         return f"{self.prefix}leases"
 
+    def slots(self, server: str) -> str:
+        """Sorted set: the cluster-wide concurrency slots of a server, scored by expiry (ms)."""
+        return f"{self.prefix}slots:{server}"
+
     @property
     def reaper_lock(self) -> str:
         return f"{self.prefix}reaper:lock"

@@ -23,6 +23,7 @@ from shared.keys import Keys
 from shared.models import JobStatus
 from shared.settings import Settings, load_settings
 from shared.store import JobStore, connect
+from workers.runtime import PARENT_PID_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -98,7 +99,8 @@ class Cluster:
                         "--loglevel=INFO",
                         f"--hostname=t{len(self.workers)}-{i}@%h",
                     ],
-                    env={**self.env, **extra_env},
+                    # Exit with the test (or benchmark) process, even when it is killed.
+                    env={**self.env, PARENT_PID_ENV: str(os.getpid()), **extra_env},
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     cwd=self.config_file.parent,

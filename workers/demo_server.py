@@ -20,6 +20,7 @@ TRANSIENT_ERROR_CODE = -32603
 
 def build_server() -> MCPServer:
     server = MCPServer("toolswarm-demo", log_level="WARNING")
+    sleeping = {"in_flight": 0, "peak": 0}  # what the server itself sees of concurrency
 
     @server.tool()
     async def echo(text: str) -> str:
@@ -34,8 +35,21 @@ def build_server() -> MCPServer:
     @server.tool()
     async def sleep(ms: int) -> str:
         """Sleep for ms milliseconds, then say so."""
-        await anyio.sleep(ms / 1000)
+        sleeping["in_flight"] += 1
+        sleeping["peak"] = max(sleeping["peak"], sleeping["in_flight"])
+        try:
+            await anyio.sleep(ms / 1000)
+        finally:
+            sleeping["in_flight"] -= 1
         return f"slept {ms}ms"
+
+    @server.tool()
+    async def stats(reset: bool = False) -> dict[str, int]:
+        """Concurrent sleep calls: in flight now and the peak seen (since start or the last reset)."""
+        seen = dict(sleeping)
+        if reset:
+            sleeping["peak"] = sleeping["in_flight"]
+        return seen
 
     @server.tool()
     async def fail(message: str) -> str:

@@ -22,6 +22,7 @@ from shared.embedded import redis_url
 from shared.executor import BatchCommitter, ExecutionContext, drain
 from shared.jobs import Enqueuer
 from shared.keys import Keys
+from shared.limiter import ClusterLimiter
 from shared.mcp_client import McpPool
 from shared.reaper import reap_once
 from shared.settings import Settings
@@ -82,6 +83,7 @@ class WorkerRuntime:
             caller=self._pool,
             committer=BatchCommitter(store, self.settings.worker.commit_batch_size, self.settings.state),
             worker_id=self.worker_id,
+            limiter=ClusterLimiter(client, keys, self.worker_id, self.settings.worker.lease_s),
         )
         self._heartbeat = asyncio.create_task(self._beat(), name="toolswarm-heartbeat")
         self._reaper = asyncio.create_task(self._reap(), name="toolswarm-reaper")
@@ -102,6 +104,8 @@ class WorkerRuntime:
                 parent = None
             try:
                 await ctx.store.renew(ctx.leased(), worker.lease_s)
+                if ctx.limiter is not None:
+                    await ctx.limiter.renew()
                 await ctx.store.client.set(key, record, ex=max(HEARTBEAT_TTL_S, int(worker.lease_s * 2)))
             except Exception as exc:  # a heartbeat loop must outlive a Redis blip
                 log.warning("heartbeat failed: %s", exc)

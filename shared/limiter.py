@@ -1,0 +1,127 @@
+"""Cluster-wide concurrency limits per MCP server: a Redis semaphore whose holders expire.
+
+Each server's ``max_concurrency`` holds across every worker process on every host. A slot is a
+member of ``<ns>:slots:<server>`` scored by its expiry; the holder renews it every heartbeat, so
+a dead worker's slots come back within ``lease_s``. Items wait for a slot (backpressure) rather
+than fail. Requests for slots from one process are coalesced into one script call, and a slot
+freed while another item of the same process waits is handed over locally (a few times, then
+given back so other processes get their turn).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from shared.batching import Coalescer
+from shared.keys import Keys
+from shared.lua import load_lua
+
+RETRY_WAIT_S = (0.005, 0.02)  # polling for a free slot: jittered, short
+LOCAL_HANDOVERS = 8
+
+
+class ServerSlots:
+    def __init__(self, limiter: ClusterLimiter, server: str, limit: int) -> None:
+        self.limiter = limiter
+        self.server = server
+        self.limit = limit
+        self.key = limiter.keys.slots(server)
+        self.held: dict[str, int] = {}  # token -> local handovers so far
+        self.waiters: deque[asyncio.Future[str]] = deque()
+        self._acquire = Coalescer(self._acquire_batch)
+        self._release = Coalescer(self._release_batch)
+
+    async def _acquire_batch(self, tokens: list[str]) -> list[bool]:
+        expiry = int((time.time() + self.limiter.lease_s) * 1000)
+        granted = int(
+            await self.limiter.acquire_script(keys=[self.key], args=[self.limit, _now_ms(), expiry, *tokens])
+        )
+        return [i < granted for i in range(len(tokens))]
+
+    async def _release_batch(self, tokens: list[str]) -> list[None]:
+        await self.limiter.client.zrem(self.key, *tokens)
+        return [None] * len(tokens)
+
+    async def take(self) -> str:
+        while True:
+            token = f"{self.limiter.worker_id}:{next(self.limiter.counter)}"
+            if await self._acquire.submit(token):
+                self.held[token] = 0
+                return token
+            # Backpressure: wait for a local handover or poll the cluster again shortly.
+            handed: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+            self.waiters.append(handed)
+            try:
+                return await asyncio.wait_for(asyncio.shield(handed), random.uniform(*RETRY_WAIT_S))
+            except TimeoutError:
+                if handed.done():
+                    return handed.result()
+                handed.cancel()
+            finally:
+                if handed in self.waiters:
+                    self.waiters.remove(handed)
+
+    async def give_back(self, token: str) -> None:
+        handovers = self.held.get(token, 0)
+        if handovers < LOCAL_HANDOVERS:
+            while self.waiters:
+                waiter = self.waiters.popleft()
+                if not waiter.done():
+                    self.held[token] = handovers + 1
+                    waiter.set_result(token)
+                    return
+        self.held.pop(token, None)
+        await self._release.submit(token)
+
+
+class ClusterLimiter:
+    """The per-process side of every server's cluster-wide semaphore."""
+
+    def __init__(self, client: Any, keys: Keys, worker_id: str, lease_s: float) -> None:
+        self.client = client
+        self.keys = keys
+        self.worker_id = worker_id
+        self.lease_s = lease_s
+        self.counter = itertools.count()
+        self.acquire_script = client.register_script(load_lua("acquire"))
+        self.servers: dict[str, ServerSlots] = {}
+
+    def _slots(self, server: str, limit: int) -> ServerSlots:
+        slots = self.servers.get(server)
+        if slots is None or slots.limit != limit:
+            slots = self.servers[server] = ServerSlots(self, server, limit)
+        return slots
+
+    @asynccontextmanager
+    async def slot(self, server: str, limit: int) -> AsyncIterator[None]:
+        slots = self._slots(server, limit)
+        token = await slots.take()
+        try:
+            yield
+        finally:
+            await slots.give_back(token)
+
+    async def renew(self) -> None:
+        """Extend every slot this process holds (called from the heartbeat)."""
+        expiry = int((time.time() + self.lease_s) * 1000)
+        async with self.client.pipeline(transaction=False) as pipe:
+            for slots in self.servers.values():
+                if slots.held:
+                    pipe.zadd(slots.key, dict.fromkeys(slots.held, expiry), xx=True)
+            await pipe.execute()
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+async def in_flight(client: Any, keys: Keys, server: str) -> int:
+    """Calls in flight on a server across the cluster (slots held and not expired)."""
+    return int(await client.zcount(keys.slots(server), _now_ms(), "+inf"))
