@@ -23,8 +23,8 @@ from shared.batching import Coalescer
 from shared.keys import Keys
 from shared.lua import load_lua
 
-RETRY_WAIT_S = (0.005, 0.02)  # polling for a free slot: jittered, short
-LOCAL_HANDOVERS = 8
+RETRY_WAIT_S = (0.002, 0.01)  # polling for a free slot: jittered, short
+LOCAL_HANDOVERS = 16
 
 
 class ServerSlots:
