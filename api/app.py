@@ -19,7 +19,7 @@ from shared.errors import JobNotFound, JobSpecError, RedisUnavailable
 from shared.jobs import Enqueuer, resolve_items, submit_job
 from shared.keys import Keys
 from shared.models import ItemSpec, JobSpec, JobStatus, ResultRecord, StateMode
-from shared.settings import Settings
+from shared.settings import RetryPolicy, Settings
 from shared.store import JobStore, connect, ping
 
 MAX_RESULTS_PAGE = 1000
@@ -45,6 +45,8 @@ class JobIn(BaseModel):
     tool: str | None = None
     chunk_size: int | None = Field(default=None, ge=1, le=10_000)
     state_mode: StateMode | None = None
+    retry: RetryPolicy | None = Field(default=None, description="Overrides the servers' retry policies.")
+    validate_arguments: bool = Field(default=True, description="Check arguments against the tools' schemas.")
 
 
 class Submitted(BaseModel):
@@ -131,6 +133,8 @@ def to_job_spec(body: JobIn, idempotency_key: str | None) -> JobSpec:
             chunk_size=body.chunk_size,
             state_mode=body.state_mode,
             idempotency_key=idempotency_key,
+            retry=body.retry,
+            validate_arguments=body.validate_arguments,
         )
     except ValidationError as exc:
         raise _Invalid([{"loc": ["body", *e["loc"]], "msg": e["msg"]} for e in exc.errors()]) from None

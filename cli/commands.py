@@ -21,6 +21,7 @@ from shared.jobs import Submitted, cancel_job, read_items_file, resolve_items, s
 from shared.keys import Keys
 from shared.limiter import in_flight
 from shared.models import JobSpec, JobStatus, ResultRecord
+from shared.probes import last_probe
 from shared.settings import Settings, describe_validation_error
 from shared.store import JobStore, connect, ping
 
@@ -50,6 +51,8 @@ def submit(
     idempotency_key: str | None = None,
     chunk_size: int | None = None,
     state_mode: str | None = None,
+    validate: bool = True,
+    retry_attempts: int | None = None,
 ) -> Submitted:
     items = read_items_file(items_file, default_server=server, default_tool=tool)
     try:
@@ -61,6 +64,8 @@ def submit(
                 "idempotency_key": idempotency_key,
                 "chunk_size": chunk_size,
                 "state_mode": state_mode,
+                "validate_arguments": validate,
+                "retry": None if retry_attempts is None else {"attempts": retry_attempts},
             }
         )
     except ValidationError as exc:  # e.g. --chunk-size above the limit
@@ -128,10 +133,10 @@ def watch(settings: Settings, job_id: str, console: Console) -> JobStatus:
     return asyncio.run(go())
 
 
-def server_load(settings: Settings) -> dict[str, dict[str, int]]:
-    """Per server: calls in flight across the cluster, and chunks waiting in its queue."""
+def server_load(settings: Settings) -> dict[str, dict[str, Any]]:
+    """Per server: calls in flight across the cluster, chunks waiting in its queue, last probe."""
 
-    async def go() -> dict[str, dict[str, int]]:
+    async def go() -> dict[str, dict[str, Any]]:
         async with open_store(settings) as store:
             load = {}
             for name in settings.servers:
@@ -139,9 +144,11 @@ def server_load(settings: Settings) -> dict[str, dict[str, int]]:
                 waiting = 0
                 async for key in store.client.scan_iter(match=f"{queue}*", _type="list"):
                     waiting += await store.client.llen(key)
+                probed = await last_probe(store.client, store.keys, name)
                 load[name] = {
                     "in_flight": await in_flight(store.client, store.keys, name),
                     "queued_chunks": waiting,
+                    "probe": probed.model_dump() if probed else None,
                 }
             return load
 

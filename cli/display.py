@@ -52,10 +52,10 @@ def print_summary(console: Console, job: JobStatus) -> None:
 
 
 def print_servers(
-    console: Console, settings: Settings, workers: list[dict[str, Any]], load: dict[str, dict[str, int]]
+    console: Console, settings: Settings, workers: list[dict[str, Any]], load: dict[str, dict[str, Any]]
 ) -> None:
     table = Table(title="servers")
-    columns = ("name", "transport", "endpoint", "max_concurrency", "in_flight", "queued_chunks", "timeout_s")
+    columns = ("name", "transport", "endpoint", "max_concurrency", "in_flight", "queued_chunks", "health")
     for column in columns:
         table.add_column(column)
     for name, server in sorted(settings.servers.items()):
@@ -76,3 +76,11 @@ def event_line(entry_id: str, fields: dict[str, str]) -> str:
     kind = fields.get("type", "?")
     rest = " ".join(f"{k}={v}" for k, v in fields.items() if k not in ("type", "job_id"))
     return f"{entry_id}  {kind:<14} job={fields.get('job_id', '?')} {rest}"
+
+
+def probe_text(probe: dict[str, Any] | None) -> str:
+    if probe is None:
+        return "not probed yet"
+    if probe["ok"]:
+        return f"[green]ok[/green] {probe['latency_ms']:.0f} ms, {probe['tool_count']} tools"
+    return f"[red]down[/red]: {probe['error']}"

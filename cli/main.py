@@ -86,6 +86,13 @@ def submit(
     state_mode: Annotated[
         str | None, typer.Option(help="cas (counters updated in place) or log (event log + snapshots).")
     ] = None,
+    validate: Annotated[
+        bool,
+        typer.Option("--validate/--no-validate", help="Check arguments against the tools' input schemas."),
+    ] = True,
+    retry_attempts: Annotated[
+        int | None, typer.Option(min=1, help="Attempts per item for this job (overrides the servers').")
+    ] = None,
     watch: Annotated[bool, typer.Option("--watch", help="Show progress until the job finishes.")] = False,
     as_json: JsonFlag = False,
 ) -> None:
@@ -101,6 +108,8 @@ def submit(
             idempotency_key=idempotency_key,
             chunk_size=chunk_size,
             state_mode=state_mode,
+            validate=validate,
+            retry_attempts=retry_attempts,
         )
         if as_json:
             print(

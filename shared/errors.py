@@ -66,6 +66,12 @@ class ServerError(TransientError):
     error_type = "server_error"
 
 
+class RetryableToolError(TransientError):
+    """The tool reported an error and its server marks tool errors retryable."""
+
+    error_type = "tool_error"
+
+
 class PermanentError(ToolswarmError):
     """Retrying the same call cannot help."""
 

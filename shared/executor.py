@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -13,6 +13,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from tenacity import (
     AsyncRetrying,
+    RetryCallState,
     retry_if_exception_type,
     stop_after_attempt,
     stop_after_delay,
@@ -20,20 +21,30 @@ from tenacity import (
 )
 
 from shared.batching import Coalescer
-from shared.errors import RetriesExhausted, ToolFailed, ToolswarmError, TransientError, UnknownTool
+from shared.errors import (
+    RetriesExhausted,
+    RetryableToolError,
+    ServerUnavailable,
+    ToolFailed,
+    ToolswarmError,
+    TransientError,
+    UnknownTool,
+)
 from shared.limiter import ClusterLimiter
 from shared.mcp_client import ToolCaller
 from shared.models import CallResult, Chunk, ChunkReport, ItemError, ResultRecord, item_id
+from shared.probes import Breaker
 from shared.settings import RetryPolicy, Settings, StateSettings
 from shared.store import Claim, CommitOutcome, JobStore, Settlement, now_ms
 
 UNKNOWN_TOOL_PREFIX = "Unknown tool:"
+MAX_HELD_ATTEMPTS = 50  # calls that found the server unreachable and were not counted, per item
 COMMIT_RETRY_S = 60.0
 
 
-def retrying(policy: RetryPolicy) -> AsyncRetrying:
+def retrying(policy: RetryPolicy, stop: Callable[[RetryCallState], bool] | None = None) -> AsyncRetrying:
     return AsyncRetrying(
-        stop=stop_after_attempt(policy.attempts),
+        stop=stop or stop_after_attempt(policy.attempts),
         wait=wait_exponential_jitter(
             multiplier=policy.initial_backoff_s, max=policy.max_backoff_s, jitter=policy.jitter_s
         ),
@@ -137,6 +148,8 @@ class ExecutionContext:
     item_tasks: dict[str, asyncio.Task[tuple[ResultRecord, bool] | None]] = field(default_factory=dict)
     draining: bool = False
     limiter: ClusterLimiter | None = None  # cluster-wide max_concurrency; None: per process only
+    breaker: Breaker | None = None  # holds items of unhealthy servers; None: never holds
+    job_retries: dict[str, RetryPolicy | None] = field(default_factory=dict)
     marker: Coalescer[tuple[str, int, int], None] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -160,38 +173,69 @@ class ExecutionContext:
                 async with self.limiter.slot(server, self.settings.server(server).max_concurrency):
                     yield
 
+    async def job_retry(self, job_id: str) -> RetryPolicy | None:
+        """The job's own retry policy, if it overrides the servers' (cached; jobs never change it)."""
+        if job_id not in self.job_retries:
+            if len(self.job_retries) > 1000:
+                self.job_retries.clear()
+            self.job_retries[job_id] = await self.store.job_retry(job_id)
+        return self.job_retries[job_id]
+
     def leased(self) -> list[str]:
         return [member for member, state in self.held.items() if state != RELEASED]
 
 
-async def call_item(ctx: ExecutionContext, job_id: str, claim: Claim) -> ResultRecord:
-    """Call one item's tool with retries and turn whatever happens into its result record."""
+async def call_item(
+    ctx: ExecutionContext, job_id: str, claim: Claim, policy: RetryPolicy | None = None
+) -> ResultRecord:
+    """Call one item's tool with retries and turn whatever happens into its result record.
+
+    ``policy`` (the job's override) or the server's retry policy bounds the attempts. While the
+    server's breaker is open the item waits; a call that could not reach the server trips the
+    breaker and does not spend an attempt (up to MAX_HELD_ATTEMPTS times).
+    """
     spec = claim.spec
     server = spec.server or ""
     config = ctx.settings.server(server)
+    policy = policy or config.retry
     member = item_id(job_id, claim.index)
     started = time.perf_counter()
-    attempts = 0
+    attempts = spent = 0
     result: CallResult | None = None
     error: ItemError | None = None
+
+    def out_of_budget(_: RetryCallState) -> bool:
+        return spent >= policy.attempts
+
     try:
-        async for attempt in retrying(config.retry):
+        async for attempt in retrying(policy, stop=out_of_budget):
             with attempt:
+                if ctx.breaker is not None:
+                    await ctx.breaker.wait_healthy(server)
                 async with ctx.call_slot(server):
                     if ctx.draining:
                         raise Draining(member)
                     attempts += 1
+                    spent += 1
                     if ctx.held.get(member) != CALLING:
                         # Recorded before the call, so a call that kills its worker is blamed on this item.
                         await ctx.marker.submit((job_id, claim.index, claim.epoch))
                         ctx.held[member] = CALLING
-                    result = await ctx.caller.call(server, spec.tool, spec.arguments, config.timeout_s)
+                    try:
+                        result = await ctx.caller.call(server, spec.tool, spec.arguments, config.timeout_s)
+                    except ServerUnavailable as exc:
+                        if ctx.breaker is not None and attempts - spent < MAX_HELD_ATTEMPTS:
+                            spent -= 1
+                            await ctx.breaker.trip(server, exc.message)
+                        raise
+                if result.is_error and config.tool_errors_retryable:
+                    raise RetryableToolError(result.text() or f"tool {spec.tool!r} reported an error")
         assert result is not None
         if result.is_error:
             failure = tool_error_of(result, spec.tool)
             error = ItemError(type=failure.error_type, message=failure.message, step="call", retryable=False)
     except ToolswarmError as exc:
-        error = error_of(exc, attempts, config.retry)
+        error = error_of(exc, spent, policy)
     return ResultRecord(
         item_id=member,
         job_id=job_id,
@@ -209,11 +253,13 @@ async def call_item(ctx: ExecutionContext, job_id: str, claim: Claim) -> ResultR
     )
 
 
-async def run_item(ctx: ExecutionContext, job_id: str, claim: Claim) -> tuple[ResultRecord, bool] | None:
+async def run_item(
+    ctx: ExecutionContext, job_id: str, claim: Claim, policy: RetryPolicy | None = None
+) -> tuple[ResultRecord, bool] | None:
     """Call and commit one item; None when shutdown took it back before it finished."""
     member = item_id(job_id, claim.index)
     try:
-        record = await call_item(ctx, job_id, claim)
+        record = await call_item(ctx, job_id, claim, policy)
         landed = await ctx.committer.commit(job_id, Settlement(record=record, epoch=claim.epoch))
         return record, landed
     except Draining:
@@ -231,11 +277,12 @@ async def execute_chunk(ctx: ExecutionContext, chunk: Chunk) -> ChunkReport:
         claims: Sequence[Claim] = []
     else:
         claims = await ctx.store.claim(chunk.job_id, chunk.items, ctx.worker_id, ctx.settings.worker.lease_s)
+    policy = await ctx.job_retry(chunk.job_id) if claims else None
     tasks = []
     for claim in claims:
         member = item_id(chunk.job_id, claim.index)
         ctx.held[member] = WAITING
-        task = asyncio.create_task(run_item(ctx, chunk.job_id, claim))
+        task = asyncio.create_task(run_item(ctx, chunk.job_id, claim, policy))
         ctx.item_tasks[member] = task
         tasks.append(task)
     outcomes = await asyncio.gather(*tasks, return_exceptions=True)

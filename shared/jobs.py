@@ -10,12 +10,14 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
+from jsonschema import Draft202012Validator
 from pydantic import ValidationError
 
 from shared.errors import JobNotFound, JobSpecError
 from shared.models import Chunk, ItemSpec, JobSpec, JobStatus, ResultRecord, item_id
+from shared.probes import ProbeFailed, tool_schemas
 from shared.settings import Settings, describe_validation_error
 from shared.store import JobStore, Settlement, now_ms
 
@@ -108,6 +110,35 @@ def resolve_items(spec: JobSpec, settings: Settings) -> list[ItemSpec]:
     return resolved
 
 
+async def validate_arguments(items: Sequence[ItemSpec], settings: Settings, store: JobStore) -> None:
+    """Check every item's tool exists and its arguments fit the tool's input schema (from the
+    tools cache the probes keep, or listed now). Every bad item is reported."""
+    errors: list[str] = []
+    validators: dict[tuple[str, str], Draft202012Validator] = {}
+    schemas_of: dict[str, dict[str, Any]] = {}
+    for number, item in enumerate(items, start=1):
+        server = item.server or ""
+        if server not in schemas_of:
+            try:
+                schemas_of[server] = await tool_schemas(
+                    store.client, store.keys, server, settings.server(server)
+                )
+            except ProbeFailed as exc:
+                raise JobSpecError(f"{exc}; submit without validation to let the workers try later") from None
+        schemas = schemas_of[server]
+        if item.tool not in schemas:
+            errors.append(f"item {number}: unknown tool {item.tool!r} on server {server!r}")
+            continue
+        validator = validators.get((server, item.tool))
+        if validator is None:
+            validator = validators[(server, item.tool)] = Draft202012Validator(schemas[item.tool] or {})
+        for problem in sorted(validator.iter_errors(item.arguments), key=lambda e: list(e.path)):
+            where = ".".join(["arguments", *(str(p) for p in problem.path)])
+            errors.append(f"item {number}: {where}: {problem.message}")
+    if errors:
+        raise JobSpecError(_summarise(errors))
+
+
 def plan_chunks(job_id: str, items: Sequence[ItemSpec], chunk_size: int) -> list[Chunk]:
     """Group item indexes by server, then cut each group into chunks of ``chunk_size``."""
     by_server: dict[str, list[int]] = defaultdict(list)
@@ -123,6 +154,8 @@ def plan_chunks(job_id: str, items: Sequence[ItemSpec], chunk_size: int) -> list
 async def submit_job(spec: JobSpec, settings: Settings, store: JobStore, enqueuer: Enqueuer) -> Submitted:
     """Validate, record and enqueue a job. Nothing is written or enqueued unless all of it is valid."""
     items = resolve_items(spec, settings)
+    if spec.validate_arguments:
+        await validate_arguments(items, settings, store)
     await asyncio.to_thread(enqueuer.check)
     job_id = new_job_id()
     if spec.idempotency_key:
@@ -132,7 +165,7 @@ async def submit_job(spec: JobSpec, settings: Settings, store: JobStore, enqueue
             return Submitted(job_id=bound, total=status.total, chunks=0, existing=True)
     try:
         state_mode = spec.state_mode or settings.state.mode
-        await store.create_job(job_id, items, (item.server or "" for item in items), state_mode)
+        await store.create_job(job_id, items, (item.server or "" for item in items), state_mode, spec.retry)
         chunks = plan_chunks(job_id, items, spec.chunk_size or settings.worker.chunk_size)
         await asyncio.to_thread(enqueuer.enqueue, chunks)
     except BaseException:

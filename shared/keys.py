@@ -83,6 +83,17 @@ class Keys:
         """Sorted set: the cluster-wide concurrency slots of a server, scored by expiry (ms)."""
         return f"{self.prefix}slots:{server}"
 
+    def probe(self, server: str) -> str:
+        """The last probe of a server (JSON); its ``ok`` is the circuit breaker's state."""
+        return f"{self.prefix}probe:{server}"
+
+    def probe_lock(self, server: str) -> str:
+        return f"{self.prefix}probe:{server}:lock"
+
+    def tools(self, server: str) -> str:
+        """The server's tools and their input schemas (JSON), from its last good probe."""
+        return f"{self.prefix}tools:{server}"
+
     @property
     def reaper_lock(self) -> str:
         return f"{self.prefix}reaper:lock"

@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from shared.settings import RetryPolicy
+
 ItemStatus = Literal["succeeded", "failed", "cancelled"]
 JobState = Literal["pending", "running", "finished", "cancelled"]
 StateMode = Literal["cas", "log"]
@@ -33,6 +35,8 @@ class JobSpec(BaseModel):
     idempotency_key: str | None = None
     chunk_size: int | None = Field(default=None, ge=1, le=10_000)
     state_mode: StateMode | None = None
+    retry: RetryPolicy | None = None  # overrides the servers' retry policies for this job
+    validate_arguments: bool = True  # check arguments against the tools' input schemas at submit
 
 
 class CallResult(BaseModel):

@@ -53,6 +53,8 @@ class ServerConfig(_Strict):
     pool_size: int = Field(default=2, ge=1, le=64)
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
     # JSON-RPC error codes that mean "try again": request timeout, internal error, generic server error.
+    # A tool error (is_error result) is permanent unless the server says its tool errors are worth retrying.
+    tool_errors_retryable: bool = False
     transient_error_codes: list[int] = Field(default_factory=lambda: [-32001, -32603, -32000])
 
     @model_validator(mode="after")
@@ -102,6 +104,13 @@ class StateSettings(_Strict):
     snapshot_every_s: float = Field(default=5.0, gt=0)
 
 
+class ProbeSettings(_Strict):
+    """Protocol probes (initialize + tools/list) of every registered server."""
+
+    interval_s: float = Field(default=60.0, gt=0)
+    unhealthy_interval_s: float = Field(default=2.0, gt=0)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="TOOLSWARM_",
@@ -119,6 +128,7 @@ class Settings(BaseSettings):
     embedded_appendonly: bool = False
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     state: StateSettings = Field(default_factory=StateSettings)
+    probes: ProbeSettings = Field(default_factory=ProbeSettings)
     servers: dict[str, ServerConfig] = Field(default_factory=dict)
 
     @classmethod

@@ -19,6 +19,7 @@ from shared.jobview import JobView, apply_job_event
 from shared.keys import JobKeys, Keys
 from shared.lua import load_lua
 from shared.models import ItemSpec, JobState, JobStatus, ResultRecord, StateMode
+from shared.settings import RetryPolicy
 
 WRITE_BATCH = 1000
 
@@ -91,7 +92,12 @@ class JobStore:
         return existing or job_id
 
     async def create_job(
-        self, job_id: str, items: Sequence[ItemSpec], servers: Iterable[str], state_mode: StateMode = "cas"
+        self,
+        job_id: str,
+        items: Sequence[ItemSpec],
+        servers: Iterable[str],
+        state_mode: StateMode = "cas",
+        retry: RetryPolicy | None = None,
     ) -> None:
         """Write the job record and its items in pipelined batches, then make it visible."""
         jk = self.keys.job(job_id)
@@ -117,6 +123,7 @@ class JobStore:
                     "servers": ",".join(sorted(set(servers))),
                     "state_mode": state_mode,
                     "version": 0,
+                    **({"retry": retry.model_dump_json()} if retry else {}),
                 },
             )
             submitted = {"type": "job.submitted", "job_id": job_id, "total": len(items), "at_ms": created}
@@ -333,6 +340,10 @@ class JobStore:
         if not await self.client.exists(jk.meta):
             raise JobNotFound(f"job {job_id} does not exist")
         await self.client.hset(jk.meta, "cancel_requested", "1")
+
+    async def job_retry(self, job_id: str) -> RetryPolicy | None:
+        raw = await self.client.hget(self.keys.job(job_id).meta, "retry")
+        return RetryPolicy.model_validate_json(raw) if raw else None
 
     async def refused_commits(self, job_id: str) -> int:
         return int(await self.client.hget(self.keys.job(job_id).meta, "refused_commits") or 0)

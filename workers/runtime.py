@@ -24,6 +24,7 @@ from shared.jobs import Enqueuer
 from shared.keys import Keys
 from shared.limiter import ClusterLimiter
 from shared.mcp_client import McpPool
+from shared.probes import Breaker, probe_due_servers
 from shared.reaper import reap_once
 from shared.settings import Settings
 from shared.store import JobStore, connect
@@ -51,6 +52,7 @@ class WorkerRuntime:
         self._context: ExecutionContext | None = None
         self._heartbeat: asyncio.Task[None] | None = None
         self._reaper: asyncio.Task[None] | None = None
+        self._prober: asyncio.Task[None] | None = None
         self._pool: McpPool | None = None
 
     @property
@@ -84,9 +86,11 @@ class WorkerRuntime:
             committer=BatchCommitter(store, self.settings.worker.commit_batch_size, self.settings.state),
             worker_id=self.worker_id,
             limiter=ClusterLimiter(client, keys, self.worker_id, self.settings.worker.lease_s),
+            breaker=Breaker(client, keys, self.settings),
         )
         self._heartbeat = asyncio.create_task(self._beat(), name="toolswarm-heartbeat")
         self._reaper = asyncio.create_task(self._reap(), name="toolswarm-reaper")
+        self._prober = asyncio.create_task(self._probe(), name="toolswarm-prober")
 
     async def _beat(self) -> None:
         """Every heartbeat: renew the leases of all in-flight items and the worker's liveness key,
@@ -128,6 +132,20 @@ class WorkerRuntime:
             except Exception as exc:  # the reaper must outlive a Redis blip
                 log.warning("reaper failed: %s", exc)
 
+    async def _probe(self) -> None:
+        """Probe the servers whose turn it is (one worker per server per interval, cluster-wide)."""
+        ctx = self.context
+        while True:
+            try:
+                for result in await probe_due_servers(
+                    ctx.store.client, ctx.store.keys, self.settings, self.worker_id
+                ):
+                    if not result.ok:
+                        log.warning("probe of %r failed: %s", result.server, result.error)
+            except Exception as exc:  # the prober must outlive a Redis blip
+                log.warning("probing failed: %s", exc)
+            await asyncio.sleep(min(1.0, self.settings.probes.unhealthy_interval_s))
+
     def begin_drain(self) -> None:
         """Called on SIGTERM: stop starting items, finish calls in flight within the grace period,
         give the other leases back. Returns at once; Celery waits for the chunk tasks."""
@@ -137,7 +155,7 @@ class WorkerRuntime:
             )
 
     async def _close(self) -> None:
-        for task in (self._heartbeat, self._reaper):
+        for task in (self._heartbeat, self._reaper, self._prober):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)

@@ -1,0 +1,138 @@
+"""Protocol probes of registered servers, the tools cache, and the circuit breaker they drive.
+
+A probe opens a fresh session (the initialize or discover handshake) and lists the tools. Its
+outcome (ok, latency, error, tool count) and the tools' input schemas are stored in Redis,
+shown by ``toolswarm servers`` and used to validate arguments at submit. Workers probe every
+server on a schedule, one worker per server per interval (a lock with expiry); an unhealthy
+server is probed again every few seconds. While a server is unhealthy its items are held:
+they wait, without burning attempts, and resume when a probe finds it healthy again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+from pydantic import BaseModel
+
+from shared.keys import Keys
+from shared.mcp_client import build_client, describe
+from shared.settings import ServerConfig, Settings
+
+HEALTH_CACHE_S = 0.5
+
+
+class ProbeResult(BaseModel):
+    server: str
+    ok: bool
+    latency_ms: float
+    error: str | None = None
+    tool_count: int = 0
+    at_ms: int
+
+
+async def probe(name: str, config: ServerConfig) -> tuple[ProbeResult, dict[str, Any]]:
+    """Handshake and list tools on a fresh session; returns the outcome and the tools' schemas."""
+    started = time.perf_counter()
+    schemas: dict[str, Any] = {}
+    error: str | None = None
+    try:
+        async with asyncio.timeout(config.connect_timeout_s):
+            async with build_client(config, None) as client:
+                listed = await client.list_tools()
+        schemas = {tool.name: tool.input_schema for tool in listed.tools}
+    except Exception as exc:  # any failure of a probe is its result, never an exception
+        error = describe(exc)
+    result = ProbeResult(
+        server=name,
+        ok=error is None,
+        latency_ms=round((time.perf_counter() - started) * 1000, 2),
+        error=error,
+        tool_count=len(schemas),
+        at_ms=int(time.time() * 1000),
+    )
+    return result, schemas
+
+
+async def record(client: Any, keys: Keys, result: ProbeResult, schemas: dict[str, Any]) -> None:
+    async with client.pipeline(transaction=False) as pipe:
+        pipe.set(keys.probe(result.server), result.model_dump_json())
+        if result.ok:
+            pipe.set(keys.tools(result.server), json.dumps(schemas))
+        await pipe.execute()
+
+
+async def last_probe(client: Any, keys: Keys, server: str) -> ProbeResult | None:
+    raw = await client.get(keys.probe(server))
+    return ProbeResult.model_validate_json(raw) if raw else None
+
+
+async def tool_schemas(client: Any, keys: Keys, name: str, config: ServerConfig) -> dict[str, Any]:
+    """The server's tools and input schemas: from the cache, else probed now (and cached)."""
+    raw = await client.get(keys.tools(name))
+    if raw:
+        schemas: dict[str, Any] = json.loads(raw)
+        return schemas
+    result, schemas = await probe(name, config)
+    await record(client, keys, result, schemas)
+    if not result.ok:
+        raise ProbeFailed(name, result.error or "unknown error")
+    return schemas
+
+
+class ProbeFailed(Exception):
+    def __init__(self, server: str, error: str) -> None:
+        super().__init__(f"cannot list the tools of server {server!r}: {error}")
+        self.server = server
+
+
+async def probe_due_servers(client: Any, keys: Keys, settings: Settings, worker_id: str) -> list[ProbeResult]:
+    """Probe each server whose turn it is; the lock's expiry is the probe interval."""
+    done = []
+    for name, config in settings.servers.items():
+        previous = await last_probe(client, keys, name)
+        healthy = previous is None or previous.ok
+        interval = settings.probes.interval_s if healthy else settings.probes.unhealthy_interval_s
+        if not await client.set(keys.probe_lock(name), worker_id, nx=True, px=int(interval * 1000)):
+            continue
+        result, schemas = await probe(name, config)
+        await record(client, keys, result, schemas)
+        done.append(result)
+    return done
+
+
+class Breaker:
+    """Per-process view of every server's health, refreshed from Redis at most twice a second."""
+
+    def __init__(self, client: Any, keys: Keys, settings: Settings) -> None:
+        self.client = client
+        self.keys = keys
+        self.settings = settings
+        self._seen: dict[str, tuple[float, bool]] = {}
+
+    async def healthy(self, server: str) -> bool:
+        now = time.monotonic()
+        cached = self._seen.get(server)
+        if cached is not None and now - cached[0] < HEALTH_CACHE_S:
+            return cached[1]
+        result = await last_probe(self.client, self.keys, server)
+        ok = result is None or result.ok
+        self._seen[server] = (now, ok)
+        return ok
+
+    async def wait_healthy(self, server: str) -> None:
+        """Hold here while the server is unhealthy (no attempt is spent waiting)."""
+        # Health lives in Redis (written by probes in any process): polling it is the only signal.
+        while not await self.healthy(server):  # noqa: ASYNC110
+            await asyncio.sleep(HEALTH_CACHE_S)
+
+    async def trip(self, server: str, error: str) -> None:
+        """A call could not reach the server: mark it unhealthy until a probe finds it back."""
+        result = ProbeResult(
+            server=server, ok=False, latency_ms=0.0, error=error, at_ms=int(time.time() * 1000)
+        )
+        await self.client.set(self.keys.probe(server), result.model_dump_json())
+        await self.client.delete(self.keys.probe_lock(server))  # probe it again soon
+        self._seen[server] = (time.monotonic(), False)
