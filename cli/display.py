@@ -65,8 +65,9 @@ def print_servers(
             server.transport,
             endpoint,
             str(server.max_concurrency),
-            str(server.timeout_s),
-            str(server.pool_size),
+            str(load[name]["in_flight"]),
+            str(load[name]["queued_chunks"]),
+            probe_text(load[name]["probe"]),
         )
     console.print(table)
     console.print(f"{len(workers)} live worker process(es): " + ", ".join(w["worker"] for w in workers))

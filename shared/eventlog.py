@@ -3,7 +3,8 @@
 A log is a Redis stream plus a snapshot hash ``{state, last_id, count, at_ms}``. Appends never
 conflict. A read is the snapshot plus a fold of the tail after ``last_id``. A snapshot is
 written by whoever folds (every N events or T seconds); it moves forward only (compare-and-swap
-on ``last_id``) and trims the stream below itself. A writer that dies between append and
+on ``last_id``) and trims the stream below the snapshot before it, so one snapshot's worth
+of history stays readable. A writer that dies between append and
 snapshot leaves nothing wrong: its events are in the tail, and the next read folds them.
 """
 
@@ -96,7 +97,7 @@ class EventLog(Generic[S]):
                 view.state.model_dump_json(),
                 view.last_id,
                 view.tail,
-                next_stream_id(view.last_id),
+                next_stream_id(previous) if previous else "",
                 int(time.time() * 1000),
             ],
         )

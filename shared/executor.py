@@ -30,6 +30,7 @@ from shared.errors import (
     TransientError,
     UnknownTool,
 )
+from shared.jobs import Enqueuer, feed_next
 from shared.limiter import ClusterLimiter
 from shared.mcp_client import ToolCaller
 from shared.models import CallResult, Chunk, ChunkReport, ItemError, ResultRecord, item_id
@@ -149,6 +150,7 @@ class ExecutionContext:
     draining: bool = False
     limiter: ClusterLimiter | None = None  # cluster-wide max_concurrency; None: per process only
     breaker: Breaker | None = None  # holds items of unhealthy servers; None: never holds
+    enqueuer: Enqueuer | None = None  # feeds a job's backlog as its chunks finish
     job_retries: dict[str, RetryPolicy | None] = field(default_factory=dict)
     marker: Coalescer[tuple[str, int, int], None] = field(init=False)
 
@@ -286,6 +288,8 @@ async def execute_chunk(ctx: ExecutionContext, chunk: Chunk) -> ChunkReport:
         ctx.item_tasks[member] = task
         tasks.append(task)
     outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    if ctx.enqueuer is not None:
+        await feed_next(ctx.store, ctx.enqueuer, chunk.job_id)
     finished = [o for o in outcomes if isinstance(o, tuple)]
     committed = [record for record, landed in finished if landed]
     return ChunkReport(

@@ -167,12 +167,32 @@ async def submit_job(spec: JobSpec, settings: Settings, store: JobStore, enqueue
         state_mode = spec.state_mode or settings.state.mode
         await store.create_job(job_id, items, (item.server or "" for item in items), state_mode, spec.retry)
         chunks = plan_chunks(job_id, items, spec.chunk_size or settings.worker.chunk_size)
-        await asyncio.to_thread(enqueuer.enqueue, chunks)
+        window = await job_window(store, settings)
+        await store.push_backlog(job_id, chunks[window:])
+        await asyncio.to_thread(enqueuer.enqueue, chunks[:window])
     except BaseException:
         # Leave nothing half-made behind: no job without its chunks, no key bound to a lost job.
         await store.discard_job(job_id, spec.idempotency_key)
         raise
     return Submitted(job_id=job_id, total=len(items), chunks=len(chunks))
+
+
+async def job_window(store: JobStore, settings: Settings) -> int:
+    """How many chunks of one job sit in the queues at once. The rest wait in the job's backlog
+    and each finished chunk feeds one more, so a small job submitted behind a huge one queues
+    behind at most this many chunks, while every worker thread still has work."""
+    threads = await store.live_worker_count() * settings.worker.chunks_in_flight
+    return max(settings.worker.job_window_chunks, 2 * threads)
+
+
+async def feed_next(store: JobStore, enqueuer: Enqueuer, job_id: str) -> bool:
+    """Enqueue the next chunk of the job's backlog (after one of its chunks finished)."""
+    head = await store.backlog_head(job_id)
+    if head is None:
+        return False
+    await asyncio.to_thread(enqueuer.enqueue, [Chunk.model_validate_json(head)])
+    await store.pop_backlog_head(job_id, head)
+    return True
 
 
 async def _bound_job(store: JobStore, job_id: str) -> JobStatus:
@@ -190,6 +210,7 @@ async def _bound_job(store: JobStore, job_id: str) -> JobStatus:
 async def cancel_job(store: JobStore, job_id: str) -> JobStatus:
     """Stop a job: no item starts after this, and every unsettled item settles as cancelled."""
     await store.request_cancel(job_id)
+    await store.client.delete(store.keys.job(job_id).backlog)
     status = await store.status(job_id)
     for start in range(0, status.total, CANCEL_BATCH):
         indexes = await store.unsettled(job_id, range(start, min(start + CANCEL_BATCH, status.total)))

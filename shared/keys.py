@@ -6,7 +6,7 @@ one Lua script can touch them all.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 
 @dataclass(frozen=True)
@@ -23,18 +23,11 @@ class JobKeys:
     snapshot: str  # hash: log-mode snapshot {state, last_id, count, at_ms}
     lost: str  # hash: index -> how many times the item's lease expired mid-call (poison detection)
     calling: str  # hash: index -> epoch under which the item's call started
+    backlog: str  # list: chunks (JSON) not yet enqueued; fed one per finished chunk (fairness)
 
     def all(self) -> list[str]:
-        return [
-            self.meta,
-            self.items,
-            self.results,
-            self.epochs,
-            self.running,
-            self.events,
-            self.snapshot,
-            self.lost,
-        ]
+        """Every key of the job (the pub/sub channel is not a key)."""
+        return [getattr(self, f.name) for f in fields(self) if f.name != "notify"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +51,7 @@ class Keys:
             snapshot=f"{base}:snapshot",
             lost=f"{base}:lost",
             calling=f"{base}:calling",
+            backlog=f"{base}:backlog",
         )
 
     @property
@@ -93,6 +87,11 @@ class Keys:
     def tools(self, server: str) -> str:
         """The server's tools and their input schemas (JSON), from its last good probe."""
         return f"{self.prefix}tools:{server}"
+
+    @property
+    def backlogged(self) -> str:
+        """Set of jobs whose backlog still holds chunks (the reaper feeds any that stalled)."""
+        return f"{self.prefix}backlogged"
 
     @property
     def reaper_lock(self) -> str:

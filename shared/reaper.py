@@ -13,12 +13,13 @@ import uuid
 from collections import defaultdict
 from dataclasses import dataclass
 
-from shared.jobs import Enqueuer
+from shared.jobs import Enqueuer, feed_next
 from shared.models import Chunk, ItemError, ResultRecord, item_id
 from shared.settings import Settings
 from shared.store import JobStore, Settlement, now_ms
 
 POISON = "poison"
+STALLED_BACKLOG_MS = 10_000
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,8 @@ async def reap_once(store: JobStore, enqueuer: Enqueuer, settings: Settings, wor
             if chunks:
                 await asyncio.to_thread(enqueuer.enqueue, chunks, urgent=True)
                 requeued += sum(len(c.items) for c in chunks)
+        for job_id in await store.stalled_backlogs(idle_ms=STALLED_BACKLOG_MS):
+            await feed_next(store, enqueuer, job_id)
     finally:
         await store.unlock(lock, token)
     return ReapReport(locked=True, requeued=requeued, poisoned=poisoned)

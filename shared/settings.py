@@ -79,6 +79,8 @@ class WorkerSettings(_Strict):
     chunks_in_flight: int = Field(default=4, ge=1, le=64)
     calls_in_flight: int = Field(default=32, ge=1, le=4096)
     commit_batch_size: int = Field(default=256, ge=1, le=10_000)
+    # Fairness: at least this many chunks of a job are queued at once (more with more workers).
+    job_window_chunks: int = Field(default=16, ge=1)
     # Leases: a worker holds each item it runs under a lease it renews every heartbeat; the reaper
     # takes back items whose lease expired (their worker died or stalled) and runs them again.
     lease_s: float = Field(default=5.0, gt=0)

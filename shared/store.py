@@ -18,7 +18,7 @@ from shared.eventlog import EventLog
 from shared.jobview import JobView, apply_job_event
 from shared.keys import JobKeys, Keys
 from shared.lua import load_lua
-from shared.models import ItemSpec, JobState, JobStatus, ResultRecord, StateMode
+from shared.models import Chunk, ItemSpec, JobState, JobStatus, ResultRecord, StateMode
 from shared.settings import RetryPolicy
 
 WRITE_BATCH = 1000
@@ -80,6 +80,7 @@ class JobStore:
         self._commit = client.register_script(load_lua("commit"))
         self._expire = client.register_script(load_lua("expire"))
         self._unlock = client.register_script(load_lua("unlock"))
+        self._feed = client.register_script(load_lua("feed"))
 
     # --- submit side -------------------------------------------------------------------------
 
@@ -340,6 +341,43 @@ class JobStore:
         if not await self.client.exists(jk.meta):
             raise JobNotFound(f"job {job_id} does not exist")
         await self.client.hset(jk.meta, "cancel_requested", "1")
+
+    async def push_backlog(self, job_id: str, chunks: Sequence[Chunk]) -> None:
+        if not chunks:
+            return
+        await self.client.sadd(self.keys.backlogged, job_id)
+        backlog = self.keys.job(job_id).backlog
+        for start in range(0, len(chunks), WRITE_BATCH):
+            await self.client.rpush(
+                backlog, *(c.model_dump_json() for c in chunks[start : start + WRITE_BATCH])
+            )
+
+    async def backlog_head(self, job_id: str) -> str | None:
+        head: str | None = await self.client.lindex(self.keys.job(job_id).backlog, 0)
+        return head
+
+    async def pop_backlog_head(self, job_id: str, head: str) -> bool:
+        return bool(await self._feed(keys=[self.keys.job(job_id).backlog], args=[head]))
+
+    async def stalled_backlogs(self, idle_ms: int) -> list[str]:
+        """Jobs with chunks in their backlog but nothing running and no event for ``idle_ms``:
+        a feed was lost (a worker died between finishing a chunk and feeding the next)."""
+        stalled = []
+        for job_id in await self.client.smembers(self.keys.backlogged):
+            jk = self.keys.job(job_id)
+            if not await self.client.llen(jk.backlog):
+                await self.client.srem(self.keys.backlogged, job_id)
+                continue
+            if await self.client.hlen(jk.running):
+                continue
+            last = await self.client.xrevrange(jk.events, count=1)
+            last_ms = int(last[0][0].split("-")[0]) if last else 0
+            if now_ms() - last_ms > idle_ms:
+                stalled.append(job_id)
+        return stalled
+
+    async def live_worker_count(self) -> int:
+        return len([key async for key in self.client.scan_iter(match=self.keys.workers_pattern)])
 
     async def job_retry(self, job_id: str) -> RetryPolicy | None:
         raw = await self.client.hget(self.keys.job(job_id).meta, "retry")

@@ -87,6 +87,7 @@ class WorkerRuntime:
             worker_id=self.worker_id,
             limiter=ClusterLimiter(client, keys, self.worker_id, self.settings.worker.lease_s),
             breaker=Breaker(client, keys, self.settings),
+            enqueuer=self.enqueuer,
         )
         self._heartbeat = asyncio.create_task(self._beat(), name="toolswarm-heartbeat")
         self._reaper = asyncio.create_task(self._reap(), name="toolswarm-reaper")

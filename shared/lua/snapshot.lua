@@ -1,4 +1,5 @@
--- Move a log's snapshot forward and trim the stream below it.
+-- Move a log's snapshot forward and trim the stream below the previous snapshot (one snapshot
+-- of history stays readable, so a finished job still shows its last events).
 -- Only succeeds if the snapshot still covers exactly what the caller folded from
 -- (a compare-and-swap on the last stream id), so snapshots never go backwards.
 -- KEYS: snapshot (hash {state, last_id, count, at_ms}), stream, [counter hash: 'unsnapshotted' is
@@ -11,7 +12,9 @@ if current ~= ARGV[1] then
 end
 redis.call('HSET', KEYS[1], 'state', ARGV[2], 'last_id', ARGV[3], 'at_ms', ARGV[6])
 redis.call('HINCRBY', KEYS[1], 'count', ARGV[4])
-redis.call('XTRIM', KEYS[2], 'MINID', ARGV[5])
+if ARGV[5] ~= '' then
+  redis.call('XTRIM', KEYS[2], 'MINID', ARGV[5])
+end
 if KEYS[3] then
   if redis.call('HINCRBY', KEYS[3], 'unsnapshotted', -tonumber(ARGV[4])) < 0 then
     redis.call('HSET', KEYS[3], 'unsnapshotted', 0)

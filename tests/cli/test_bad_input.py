@@ -32,10 +32,11 @@ def client(redis_url: str) -> Iterator[redis.Redis]:
 
 
 def written(client: redis.Redis, namespace: str) -> tuple[int, list[str]]:
-    """Jobs recorded under the namespace, and every key holding its name except worker heartbeats."""
+    """Jobs recorded under the namespace, and every key holding its name except worker heartbeats
+    and the servers' probe results and tools cache (validation at submit may fill them)."""
     keys = Keys(namespace)
-    heartbeat = keys.workers_pattern.removesuffix("*")
-    found = sorted(k for k in client.scan_iter(match=f"*{namespace}*") if not k.startswith(heartbeat))
+    ignored = (keys.workers_pattern.removesuffix("*"), keys.probe(""), keys.tools(""))
+    found = sorted(k for k in client.scan_iter(match=f"*{namespace}*") if not k.startswith(ignored))
     return int(client.zcard(keys.jobs)), found
 
 
