@@ -11,12 +11,16 @@ R = TypeVar("R")
 
 
 class Coalescer(Generic[T, R]):
-    """The first request starts a flush at once; requests arriving while it is in flight ride the
-    next one. Latency stays at one round trip when idle, and batches grow under load."""
+    """The first request starts a flush (after ``linger_s``); requests arriving meanwhile, or while
+    it is in flight, ride along or take the next one. A short linger trades that much latency for
+    fewer, larger batches when requests trickle in one by one."""
 
-    def __init__(self, flush: Callable[[list[T]], Awaitable[list[R]]], max_batch: int = 256) -> None:
+    def __init__(
+        self, flush: Callable[[list[T]], Awaitable[list[R]]], max_batch: int = 256, linger_s: float = 0.0
+    ) -> None:
         self._flush = flush
         self.max_batch = max_batch
+        self.linger_s = linger_s
         self._pending: list[tuple[T, asyncio.Future[R]]] = []
         self._flusher: asyncio.Task[None] | None = None
 
@@ -28,6 +32,8 @@ class Coalescer(Generic[T, R]):
         return await future
 
     async def _run(self) -> None:
+        if self.linger_s:
+            await asyncio.sleep(self.linger_s)
         while self._pending:
             batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
             try:

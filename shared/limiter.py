@@ -24,7 +24,8 @@ from shared.keys import Keys
 from shared.lua import load_lua
 
 RETRY_WAIT_S = (0.002, 0.01)  # polling for a free slot: jittered, short
-LOCAL_HANDOVERS = 16
+LOCAL_HANDOVERS = 16  # uses of a slot in one process before it goes back to the cluster
+IDLE_HOLD_S = 0.05
 
 
 class ServerSlots:
@@ -35,6 +36,8 @@ class ServerSlots:
         self.key = limiter.keys.slots(server)
         self.held: dict[str, int] = {}  # token -> local handovers so far
         self.waiters: deque[asyncio.Future[str]] = deque()
+        self.idle: deque[str] = deque()  # held, unused, kept briefly for the next call
+        self._sweeper: asyncio.TimerHandle | None = None
         self._acquire = Coalescer(self._acquire_batch)
         self._release = Coalescer(self._release_batch)
 
@@ -50,6 +53,8 @@ class ServerSlots:
         return [None] * len(tokens)
 
     async def take(self) -> str:
+        if self.idle:
+            return self.idle.popleft()
         while True:
             token = f"{self.limiter.worker_id}:{next(self.limiter.counter)}"
             if await self._acquire.submit(token):
@@ -71,14 +76,33 @@ class ServerSlots:
     async def give_back(self, token: str) -> None:
         handovers = self.held.get(token, 0)
         if handovers < LOCAL_HANDOVERS:
+            self.held[token] = handovers + 1
             while self.waiters:
                 waiter = self.waiters.popleft()
                 if not waiter.done():
-                    self.held[token] = handovers + 1
                     waiter.set_result(token)
                     return
+            # Nobody here waits now, but the next call usually comes within milliseconds: keep
+            # the slot briefly instead of two round trips (give back, take again).
+            self.idle.append(token)
+            if self._sweeper is None:
+                self._sweeper = asyncio.get_running_loop().call_later(IDLE_HOLD_S, self._sweep)
+            return
         self.held.pop(token, None)
         await self._release.submit(token)
+
+    def _sweep(self) -> None:
+        """Give back the slots still idle since the last sweep."""
+        self._sweeper = None
+        if not self.idle:
+            return
+        tokens = list(self.idle)
+        self.idle.clear()
+        for token in tokens:
+            self.held.pop(token, None)
+        task = asyncio.ensure_future(self._release_batch(tokens))
+        self.limiter.background.add(task)
+        task.add_done_callback(self.limiter.background.discard)
 
 
 class ClusterLimiter:
@@ -92,6 +116,7 @@ class ClusterLimiter:
         self.counter = itertools.count()
         self.acquire_script = client.register_script(load_lua("acquire"))
         self.servers: dict[str, ServerSlots] = {}
+        self.background: set[asyncio.Future[list[None]]] = set()
 
     def _slots(self, server: str, limit: int) -> ServerSlots:
         slots = self.servers.get(server)
