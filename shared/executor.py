@@ -44,6 +44,8 @@ MAX_HELD_ATTEMPTS = 50  # calls that found the server unreachable and were not c
 COMMIT_RETRY_S = 60.0
 # Commits and call marks wait this long for company: fewer Redis round trips per item under load.
 BATCH_LINGER_S = 0.005
+# Marks are awaited while the item holds a concurrency slot: a shorter wait keeps slots busy.
+MARK_LINGER_S = 0.001
 
 
 def retrying(policy: RetryPolicy, stop: Callable[[RetryCallState], bool] | None = None) -> AsyncRetrying:
@@ -160,7 +162,7 @@ class ExecutionContext:
     marker: Coalescer[tuple[str, int, int], None] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.marker = Coalescer(self.store.mark_calling, linger_s=BATCH_LINGER_S)
+        self.marker = Coalescer(self.store.mark_calling, linger_s=MARK_LINGER_S)
 
     def limit(self, server: str) -> asyncio.Semaphore:
         semaphore = self.limits.get(server)
