@@ -79,6 +79,26 @@ def classify_mcp_error(exc: MCPError, config: ServerConfig) -> ToolswarmError:
     return ProtocolError(f"server error {exc.code}: {exc.message}")
 
 
+def http_status_of(exc: BaseException) -> int | None:
+    """The HTTP status behind a transport error, looking inside exception groups."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    response = getattr(exc, "response", None)
+    status = getattr(response, "status_code", None)
+    return status if isinstance(status, int) else None
+
+
+def classify_transport_error(server: str, exc: BaseException) -> ToolswarmError:
+    """HTTP 4xx: the request is wrong, retrying cannot help. 5xx and everything else (refused
+    connections, broken streams): transient, and the session is replaced."""
+    status = http_status_of(exc)
+    if status is not None and 400 <= status < 500 and status not in (408, 429):
+        return ProtocolError(f"server {server!r} answered HTTP {status}: {describe(exc)}")
+    if status is not None and status >= 500:
+        return ServerError(f"server {server!r} answered HTTP {status}: {describe(exc)}")
+    return ServerUnavailable(f"server {server!r}: {describe(exc)}")
+
+
 def to_call_result(result: CallToolResult) -> CallResult:
     return CallResult(
         content=[block.model_dump(mode="json", exclude_none=True) for block in result.content],
@@ -211,8 +231,10 @@ class ServerPool:
         except PermanentError:
             raise
         except Exception as exc:  # transport failures surface as many types (anyio, httpx2, OSError)
-            session.discard()
-            raise ServerUnavailable(f"server {self.name!r}: {describe(exc)}") from None
+            failure = classify_transport_error(self.name, exc)
+            if isinstance(failure, ServerUnavailable):
+                session.discard()
+            raise failure from None
         finally:
             session.in_flight -= 1
         return to_call_result(result)

@@ -390,3 +390,38 @@ def test_is_error_result_fails_without_retry(text: str, expected_type: str) -> N
 def test_unknown_server_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="unknown server 'elsewhere'"):
         run_call(FakeCaller(OK), spec=ItemSpec(tool="echo", server="elsewhere"))
+
+
+class _Response:
+    def __init__(self, status_code: int) -> None:
+        self.status_code = status_code
+
+
+class _HTTPError(Exception):
+    def __init__(self, status_code: int) -> None:
+        super().__init__(f"HTTP {status_code}")
+        self.response = _Response(status_code)
+
+
+@pytest.mark.parametrize(
+    ("exc", "expected"),
+    [
+        (_HTTPError(400), ProtocolError),
+        (_HTTPError(401), ProtocolError),
+        (_HTTPError(404), ProtocolError),
+        (_HTTPError(429), ServerUnavailable),
+        (_HTTPError(500), ServerError),
+        (_HTTPError(503), ServerError),
+        (ExceptionGroup("g", [_HTTPError(502)]), ServerError),
+        (ConnectionRefusedError("refused"), ServerUnavailable),
+        (ExceptionGroup("g", [OSError("reset")]), ServerUnavailable),
+    ],
+)
+def test_transport_errors_are_classified_by_http_status(
+    exc: BaseException, expected: type[Exception]
+) -> None:
+    from shared.mcp_client import classify_transport_error
+
+    error = classify_transport_error("s", exc)
+    assert type(error) is expected
+    assert error.retryable is (expected is not ProtocolError)
