@@ -19,7 +19,7 @@ from shared.settings import Settings
 from shared.store import JobStore, Settlement, now_ms
 
 POISON = "poison"
-STALLED_BACKLOG_MS = 10_000
+STALLED_BACKLOG_MS = 3_000
 
 
 @dataclass(frozen=True)

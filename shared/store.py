@@ -360,15 +360,13 @@ class JobStore:
         return bool(await self._feed(keys=[self.keys.job(job_id).backlog], args=[head]))
 
     async def stalled_backlogs(self, idle_ms: int) -> list[str]:
-        """Jobs with chunks in their backlog but nothing running and no event for ``idle_ms``:
-        a feed was lost (a worker died between finishing a chunk and feeding the next)."""
+        """Jobs with chunks in their backlog and no event for ``idle_ms``: feeds were lost (a
+        worker died between finishing a chunk and feeding the next) and the window ran dry."""
         stalled = []
         for job_id in await self.client.smembers(self.keys.backlogged):
             jk = self.keys.job(job_id)
             if not await self.client.llen(jk.backlog):
                 await self.client.srem(self.keys.backlogged, job_id)
-                continue
-            if await self.client.hlen(jk.running):
                 continue
             last = await self.client.xrevrange(jk.events, count=1)
             last_ms = int(last[0][0].split("-")[0]) if last else 0
