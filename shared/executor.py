@@ -44,8 +44,6 @@ MAX_HELD_ATTEMPTS = 50  # calls that found the server unreachable and were not c
 COMMIT_RETRY_S = 60.0
 # Commits and call marks wait this long for company: fewer Redis round trips per item under load.
 BATCH_LINGER_S = 0.005
-# Marks are awaited while the item holds a concurrency slot: a shorter wait keeps slots busy.
-MARK_LINGER_S = 0.001
 
 
 def retrying(policy: RetryPolicy, stop: Callable[[RetryCallState], bool] | None = None) -> AsyncRetrying:
@@ -159,10 +157,8 @@ class ExecutionContext:
     breaker: Breaker | None = None  # holds items of unhealthy servers; None: never holds
     enqueuer: Enqueuer | None = None  # feeds a job's backlog as its chunks finish
     job_retries: dict[str, RetryPolicy | None] = field(default_factory=dict)
-    marker: Coalescer[tuple[str, int, int], None] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.marker = Coalescer(self.store.mark_calling, linger_s=MARK_LINGER_S)
+    # Items whose call started since the last heartbeat, which records them (see expire.lua).
+    started_calls: dict[str, tuple[str, int, int]] = field(default_factory=dict)
 
     def limit(self, server: str) -> asyncio.Semaphore:
         semaphore = self.limits.get(server)
@@ -189,6 +185,11 @@ class ExecutionContext:
                 self.job_retries.clear()
             self.job_retries[job_id] = await self.store.job_retry(job_id)
         return self.job_retries[job_id]
+
+    def take_started_calls(self) -> list[tuple[str, int, int]]:
+        started = list(self.started_calls.values())
+        self.started_calls.clear()
+        return started
 
     def leased(self) -> list[str]:
         return [member for member, state in self.held.items() if state != RELEASED]
@@ -226,9 +227,8 @@ async def call_item(
             attempts += 1
             spent += 1
             if ctx.held.get(member) != CALLING:
-                # Recorded before the call, so a call that kills its worker is blamed on this item.
-                await ctx.marker.submit((job_id, claim.index, claim.epoch))
                 ctx.held[member] = CALLING
+                ctx.started_calls[member] = (job_id, claim.index, claim.epoch)
             try:
                 outcome = await ctx.caller.call(server, spec.tool, spec.arguments, config.timeout_s)
             except ServerUnavailable as exc:

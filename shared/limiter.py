@@ -25,7 +25,7 @@ from shared.lua import load_lua
 
 RETRY_WAIT_S = (0.002, 0.01)  # polling for a free slot: jittered, short
 LOCAL_HANDOVERS = 16  # uses of a slot in one process before it goes back to the cluster
-IDLE_HOLD_S = 0.005
+IDLE_HOLD_S = 0.05
 
 
 class ServerSlots:

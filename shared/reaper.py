@@ -20,6 +20,7 @@ from shared.store import JobStore, Settlement, now_ms
 
 POISON = "poison"
 STALLED_BACKLOG_MS = 3_000
+UNMARKED_LOSS_FACTOR = 3
 
 
 @dataclass(frozen=True)
@@ -61,13 +62,17 @@ async def reap_once(store: JobStore, enqueuer: Enqueuer, settings: Settings, wor
             taken = await store.take_back(job_id, indexes)
             if not taken:
                 continue
-            specs = await store.item_specs(job_id, [index for index, _ in taken])
+            specs = await store.item_specs(job_id, [index for index, _, _ in taken])
             poison: list[Settlement] = []
             again: dict[str, list[int]] = defaultdict(list)
-            for index, losses in taken:
+            budget = settings.worker.max_lease_losses
+            for index, losses, any_losses in taken:
                 spec = specs[index]
                 server = spec.server or ""
-                if losses >= settings.worker.max_lease_losses:
+                # A call that kills its worker before the next heartbeat marks it as started is
+                # only counted among all losses: a wider budget, so bystanders are rarely blamed.
+                if losses >= budget or any_losses >= UNMARKED_LOSS_FACTOR * budget:
+                    losses = max(losses, any_losses)
                     record = poison_record(job_id, index, spec.tool, server, spec.key, losses)
                     poison.append(Settlement(record=record, epoch=0))
                 else:
@@ -83,6 +88,7 @@ async def reap_once(store: JobStore, enqueuer: Enqueuer, settings: Settings, wor
             if chunks:
                 await asyncio.to_thread(enqueuer.enqueue, chunks, urgent=True)
                 requeued += sum(len(c.items) for c in chunks)
+        await store.requeued()  # only now: a reaper that dies before this point is redone next pass
         for job_id in await store.stalled_backlogs(idle_ms=STALLED_BACKLOG_MS):
             await feed_next(store, enqueuer, job_id)
     finally:

@@ -204,14 +204,15 @@ class JobStore:
             expiry = int(time.time() * 1000 + lease_s * 1000)
             await self.client.zadd(self.keys.leases, dict.fromkeys(members, expiry), xx=True)
 
-    async def mark_calling(self, entries: Sequence[tuple[str, int, int]]) -> list[None]:
-        """Record that these items (job_id, index, epoch) have started their call; only an item
-        whose call had started counts a lost lease against itself (see expire.lua)."""
+    async def mark_calling(self, entries: Sequence[tuple[str, int, int]]) -> None:
+        """Record that these items (job_id, index, epoch) have started their call: a lost lease
+        counts fully against an item only if its call had started (see expire.lua)."""
+        if not entries:
+            return
         async with self.client.pipeline(transaction=False) as pipe:
             for job_id, index, epoch in entries:
                 pipe.hset(self.keys.job(job_id).calling, str(index), epoch)
             await pipe.execute()
-        return [None] * len(entries)
 
     async def release(self, members: Sequence[str]) -> None:
         """Give leases back at once (graceful shutdown): the reaper reassigns them without a loss."""
@@ -227,14 +228,19 @@ class JobStore:
             by_job.setdefault(job_id, []).append(int(index))
         return by_job
 
-    async def take_back(self, job_id: str, indexes: Sequence[int]) -> list[tuple[int, int]]:
-        """Fence and free expired items of one job; returns (index, lease losses) to run again."""
+    async def take_back(self, job_id: str, indexes: Sequence[int]) -> list[tuple[int, int, int]]:
+        """Fence and free expired items of one job; returns (index, losses with the call
+        started, all losses) of the items to run again."""
         jk = self.keys.job(job_id)
         reply = await self._expire(
             keys=[jk.meta, jk.results, jk.epochs, jk.running, self.keys.leases, jk.lost, jk.calling],
             args=[job_id, now_ms(), *indexes],
         )
-        return [(int(reply[i]), int(reply[i + 1])) for i in range(0, len(reply), 2)]
+        return [(int(reply[i]), int(reply[i + 1]), int(reply[i + 2])) for i in range(0, len(reply), 3)]
+
+    async def requeued(self) -> None:
+        """Drop the lease entries of items taken back (score 1) once they are requeued."""
+        await self.client.zremrangebyscore(self.keys.leases, 1, 1)
 
     async def try_lock(self, key: str, token: str, ttl_s: float) -> bool:
         return bool(await self.client.set(key, token, nx=True, px=int(ttl_s * 1000)))

@@ -108,6 +108,7 @@ class WorkerRuntime:
                 os.kill(self.pid, signal.SIGTERM)
                 parent = None
             try:
+                await ctx.store.mark_calling(ctx.take_started_calls())
                 await ctx.store.renew(ctx.leased(), worker.lease_s)
                 if ctx.limiter is not None:
                     await ctx.limiter.renew()

@@ -88,6 +88,18 @@ def settled_exactly_once(cluster: Cluster, job_id: str, total: int) -> list[Resu
     return records
 
 
+def call_recorded(cluster: Cluster, job_id: str, index: int) -> bool:
+    """The heartbeat has recorded that the item's call started under its current epoch."""
+
+    async def read(store: JobStore) -> bool:
+        jk = store.keys.job(job_id)
+        epoch = await store.client.hget(jk.epochs, str(index))
+        return epoch is not None and await store.client.hget(jk.calling, str(index)) == epoch
+
+    recorded: bool = cluster.run(cluster.with_store(read))
+    return recorded
+
+
 def refused(cluster: Cluster, job_id: str) -> int:
     count: int = cluster.run(cluster.with_store(lambda store: store.refused_commits(job_id)))
     return count
@@ -152,7 +164,9 @@ def test_poison_item_fails_after_its_lease_budget(
     def running_only_the_poison() -> str | None:
         held = holders(cluster, job_id)
         alive = [w for w in held if w not in killed]
-        return alive[0] if len(alive) == 1 and held[alive[0]] == 1 else None
+        if len(alive) == 1 and held[alive[0]] == 1 and call_recorded(cluster, job_id, 0):
+            return alive[0]
+        return None
 
     for _ in range(2):  # the long item "kills" whichever worker runs it, once the others are done
         killer = wait_until(running_only_the_poison, 60, "poison item running alone")
