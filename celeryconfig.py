@@ -16,6 +16,9 @@ def from_settings(settings: Settings) -> dict[str, Any]:
             # A backstop only: leases take over a dead worker's items in seconds. A message redelivered
             # after this finds its items settled or leased to a live worker and skips them.
             "visibility_timeout": settings.worker.visibility_timeout_s,
+            # Look for such messages every 5 s (kombu's default scans about every 100 s).
+            "unacked_restore_interval": 5,
+            "unacked_restore_throttle": 1,
             "global_keyprefix": f"{settings.namespace}:celery:",
         },
         # JSON only: a pickle from the broker is code execution.

@@ -88,8 +88,10 @@ class WorkerSettings(_Strict):
     reaper_interval_s: float = Field(default=1.0, gt=0)
     max_lease_losses: int = Field(default=3, ge=1)
     shutdown_grace_s: float = Field(default=10.0, ge=0)
-    # Broker backstop only (leases do the fast takeover): an unacked message is redelivered after this.
-    visibility_timeout_s: int = Field(default=300, ge=10)
+    # Broker backstop only (leases do the fast takeover): an unacked message is redelivered after
+    # this. Keep it above the longest chunk; an early redelivery is harmless (claims skip live
+    # leases) but wasted. It also bounds how long a message lost with a killed worker waits.
+    visibility_timeout_s: int = Field(default=60, ge=10)
 
     @model_validator(mode="after")
     def _heartbeat_within_lease(self) -> WorkerSettings:

@@ -1,6 +1,6 @@
 -- Claim items of one job for a worker: take a lease and a fencing epoch on each.
--- Skips items that are settled, and items whose lease another worker still holds (a duplicate
--- delivery must not run them twice). Each claim bumps the item's epoch; only a commit carrying
+-- Skips items that are settled, and items whose lease is still live, whoever holds it: a
+-- redelivered message (broker backstop) must never run an item twice or fence a live run. Each claim bumps the item's epoch; only a commit carrying
 -- the newest epoch lands, so a worker whose lease was taken over cannot write.
 -- KEYS: meta, items, results, epochs, running, job_events, global_events, leases
 -- ARGV: worker, global_maxlen, lease_ms, index...
@@ -33,9 +33,8 @@ for i = 4, #ARGV do
   local member = job_id .. ':' .. index
   local free = redis.call('HEXISTS', results, index) == 0
   if free then
-    local holder = redis.call('HGET', running, index)
     local expiry = tonumber(redis.call('ZSCORE', leases, member) or '0')
-    if holder and expiry > now_ms and string.match(holder, '^%S+') ~= worker then
+    if expiry > now_ms and redis.call('HEXISTS', running, index) == 1 then
       free = false
     end
   end
