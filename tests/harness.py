@@ -176,17 +176,23 @@ def make_cluster(
     return Cluster(config_file=config, redis_url=redis_url, namespace=namespace, env=env)
 
 
-@contextmanager
-def demo_http_server() -> Iterator[str]:
-    port = free_port()
+def start_demo_http(port: int) -> subprocess.Popen[bytes]:
+    """The demo MCP server over streamable HTTP on 127.0.0.1:port, listening when this returns."""
     process = subprocess.Popen(
         [sys.executable, "-m", "workers.demo_server", "--transport", "http", "--port", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
+    wait_for_port(port, 30, process)
+    return process
+
+
+@contextmanager
+def demo_http_server() -> Iterator[str]:
+    port = free_port()
+    process = start_demo_http(port)
     try:
-        wait_for_port(port, 30, process)
         yield f"http://127.0.0.1:{port}/mcp"
     finally:
         stop_processes([process], grace_s=5)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -14,12 +12,12 @@ from typing import Any
 
 import pytest
 
-from cli.processes import free_port, stop_processes, wait_for_port
+from cli.processes import free_port, stop_processes
 from shared.embedded import EmbeddedRedis
 from shared.models import JobStatus, ResultRecord
 from shared.settings import Settings
 from shared.store import JobStore
-from tests.harness import Cluster, http_demo, make_cluster, stdio_demo
+from tests.harness import Cluster, http_demo, make_cluster, start_demo_http, stdio_demo
 
 pytestmark = pytest.mark.integration
 
@@ -204,16 +202,7 @@ def test_graceful_shutdown_finishes_or_gives_back_every_item(
 def test_mcp_server_restart_mid_job(redis_url: str, tmp_path: Path, stop_workers: list[Cluster]) -> None:
     port = free_port()
 
-    def start_server() -> subprocess.Popen[bytes]:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "workers.demo_server", "--transport", "http", "--port", str(port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_for_port(port, 30, process)
-        return process
-
-    server = start_server()
+    server = start_demo_http(port)
     retry = {"attempts": 12, "initial_backoff_s": 0.2, "max_backoff_s": 1.0, "jitter_s": 0.1}
     cluster = make_cluster(
         tmp_path, redis_url, {"demo": http_demo(f"http://127.0.0.1:{port}/mcp", timeout_s=5, retry=retry)}
@@ -226,7 +215,7 @@ def test_mcp_server_restart_mid_job(redis_url: str, tmp_path: Path, stop_workers
         wait_until(lambda: status_of(cluster, job_id).settled > 50, 60, "job under way")
         stop_processes([server], grace_s=5)
         time.sleep(1.5)  # the server stays down for a while: calls fail and are retried
-        server = start_server()
+        server = start_demo_http(port)
         status = cluster.wait_for_job(job_id, timeout=120)
         assert status.succeeded == total, status
         records = settled_exactly_once(cluster, job_id, total)

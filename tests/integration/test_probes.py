@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from cli.processes import free_port, stop_processes, wait_for_port
-from tests.harness import Cluster, http_demo, make_cluster, stdio_demo
+from cli.processes import free_port, stop_processes
+from tests.harness import Cluster, http_demo, make_cluster, start_demo_http, stdio_demo
 
 pytestmark = pytest.mark.integration
 
@@ -56,16 +54,7 @@ def test_breaker_holds_items_while_the_server_is_down(
 ) -> None:
     port = free_port()
 
-    def start() -> subprocess.Popen[bytes]:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "workers.demo_server", "--transport", "http", "--port", str(port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_for_port(port, 30, process)
-        return process
-
-    server = start()
+    server = start_demo_http(port)
     retry = {"attempts": 2, "initial_backoff_s": 0.05, "max_backoff_s": 0.2, "jitter_s": 0}
     cluster = make_cluster(
         tmp_path,
@@ -76,13 +65,14 @@ def test_breaker_holds_items_while_the_server_is_down(
     stop_workers.append(cluster)
     try:
         cluster.start_workers(2)
-        items = write_items(tmp_path / "i.jsonl", [{"tool": "sleep", "arguments": {"ms": 100}}] * 300)
+        items = write_items(tmp_path / "i.jsonl", [{"tool": "sleep", "arguments": {"ms": 200}}] * 600)
         job_id = json.loads(cluster.cli("submit", str(items), "--server", "demo", "--json").stdout)["job_id"]
         deadline = time.monotonic() + 60
         while json.loads(cluster.cli("status", job_id, "--json").stdout)["succeeded"] < 30:
             assert time.monotonic() < deadline
             time.sleep(0.2)
-        stop_processes([server], grace_s=5)
+        server.kill()  # down at once: a graceful stop would let calls in flight finish the job
+        server.wait()
         # Down for longer than two attempts' backoff: without the breaker items would fail.
         deadline = time.monotonic() + 30
         while True:
@@ -95,9 +85,9 @@ def test_breaker_holds_items_while_the_server_is_down(
         time.sleep(3)
         later = json.loads(cluster.cli("status", job_id, "--json").stdout)
         assert later["failed"] == held["failed"] == 0, "held, not failed"
-        server = start()
+        server = start_demo_http(port)
         status = cluster.wait_for_job(job_id, timeout=120)
-        assert status.succeeded == 300 and status.failed == 0
+        assert status.succeeded == 600 and status.failed == 0
     finally:
         stop_processes([server], grace_s=5)
 
