@@ -79,8 +79,7 @@ def swarm(cluster: Cluster, settings: Settings, items: int, workdir: Path) -> fl
 
     async def wait() -> None:
         async with open_store(settings) as store:
-            while not (await store.status(submitted.job_id)).done:
-                await store.wait_for_events(submitted.job_id, "$", 100)
+            await store.wait_until_done(submitted.job_id)
 
     asyncio.run(wait())
     elapsed = time.perf_counter() - started

@@ -25,7 +25,7 @@ from shared.probes import last_probe
 from shared.settings import Settings, describe_validation_error
 from shared.store import JobStore, connect, ping
 
-WATCH_BLOCK_MS = 500
+WATCH_REFRESH_S = 0.1  # progress redraws at most this often, however fast items settle
 
 
 @asynccontextmanager
@@ -107,22 +107,19 @@ def results(settings: Settings, job_id: str, status_filter: str | None = None) -
 
 
 async def watch_job(store: JobStore, job_id: str, console: Console) -> JobStatus:
-    """Follow the job's event stream, redrawing the progress bar on each batch, until it finishes."""
-    job = await store.status(job_id)
+    """Redraw the progress bar as the job's events move (at most every WATCH_REFRESH_S) until it ends."""
     started = time.monotonic()
+    updates = store.follow(job_id, every_s=WATCH_REFRESH_S)
+    job = await anext(updates)  # an unknown job fails here, before anything is drawn
     with display.job_progress(console) as progress:
-        bar = progress.add_task(f"job {job_id}", total=job.total, **display.progress_fields(job, 0.0))
-        last_event = "$"
-        while True:
+        bar = progress.add_task(
+            f"job {job_id}", total=job.total, completed=job.settled, **display.progress_fields(job, 0.0)
+        )
+        async for job in updates:
             progress.update(
                 bar, completed=job.settled, **display.progress_fields(job, time.monotonic() - started)
             )
-            if job.done:
-                return job
-            events = await store.wait_for_events(job_id, last_event, WATCH_BLOCK_MS)
-            if events:
-                last_event = events[-1][0]
-            job = await store.status(job_id)
+    return job
 
 
 def watch(settings: Settings, job_id: str, console: Console) -> JobStatus:

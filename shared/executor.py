@@ -42,8 +42,9 @@ from shared.store import Claim, CommitOutcome, JobStore, Settlement, now_ms
 UNKNOWN_TOOL_PREFIX = "Unknown tool:"
 MAX_HELD_ATTEMPTS = 50  # calls that found the server unreachable and were not counted, per item
 COMMIT_RETRY_S = 60.0
-# Commits and call marks wait this long for company: fewer Redis round trips per item under load.
-BATCH_LINGER_S = 0.005
+# A commit waits this long for company: under load one script call then carries a dozen results
+# instead of one or two. The call slot is already free by then, so only the chunk's end waits.
+BATCH_LINGER_S = 0.025
 
 
 def retrying(policy: RetryPolicy, stop: Callable[[RetryCallState], bool] | None = None) -> AsyncRetrying:

@@ -111,15 +111,22 @@ class Breaker:
         self.keys = keys
         self.settings = settings
         self._seen: dict[str, tuple[float, bool]] = {}
+        self._reading: dict[str, asyncio.Task[bool]] = {}
 
     async def healthy(self, server: str) -> bool:
-        now = time.monotonic()
         cached = self._seen.get(server)
-        if cached is not None and now - cached[0] < HEALTH_CACHE_S:
+        if cached is not None and time.monotonic() - cached[0] < HEALTH_CACHE_S:
             return cached[1]
+        reading = self._reading.get(server)
+        if reading is None:  # one read per expiry, however many calls are waiting on it
+            reading = self._reading[server] = asyncio.create_task(self._read(server))
+            reading.add_done_callback(lambda _: self._reading.pop(server, None))
+        return await asyncio.shield(reading)
+
+    async def _read(self, server: str) -> bool:
         result = await last_probe(self.client, self.keys, server)
         ok = result is None or result.ok
-        self._seen[server] = (now, ok)
+        self._seen[server] = (time.monotonic(), ok)
         return ok
 
     async def wait_healthy(self, server: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
@@ -398,13 +399,33 @@ class JobStore:
         )
         return [(entry_id, fields) for entry_id, fields in reply]
 
-    async def wait_for_events(
-        self, job_id: str, after: str, block_ms: int
-    ) -> list[tuple[str, dict[str, str]]]:
-        reply = await self.client.xread({self.keys.job(job_id).events: after}, block=block_ms, count=10_000)
-        if not reply:
-            return []
-        return [(entry_id, fields) for entry_id, fields in reply[0][1]]
+    async def follow(
+        self, job_id: str, every_s: float = 0.1, block_ms: int = 1000
+    ) -> AsyncIterator[JobStatus]:
+        """The job's status now, then each time its events move (at most once per ``every_s``, so a
+        fast job costs a read per interval, not one per commit), until it is done. The cursor only
+        needs to show that something happened since the last look, so it reads one entry at a time."""
+        events = self.keys.job(job_id).events
+        newest = await self.client.xrevrange(events, count=1)
+        cursor = newest[0][0] if newest else "0-0"
+        while True:
+            status = await self.status(job_id)
+            shown = time.monotonic()
+            yield status
+            if status.done:
+                return
+            reply = await self.client.xread({events: cursor}, block=block_ms, count=1)
+            if reply:
+                cursor = reply[0][1][-1][0]
+                await asyncio.sleep(max(0.0, shown + every_s - time.monotonic()))
+
+    async def wait_until_done(self, job_id: str, timeout_s: float | None = None) -> JobStatus:
+        """Block until the job is finished or cancelled; TimeoutError after ``timeout_s``."""
+        async with asyncio.timeout(timeout_s):
+            async for status in self.follow(job_id, every_s=0.02):
+                if status.done:
+                    return status
+        raise AssertionError("unreachable: follow ends with a done status")
 
     async def list_jobs(self, limit: int = 20) -> list[str]:
         return list(await self.client.zrevrange(self.keys.jobs, 0, limit - 1))

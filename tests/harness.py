@@ -139,16 +139,13 @@ class Cluster:
 
     def wait_for_job(self, job_id: str, timeout: float = 120) -> JobStatus:
         async def wait(store: JobStore) -> JobStatus:
-            deadline = time.monotonic() + timeout
-            while True:
+            try:
+                return await store.wait_until_done(job_id, timeout)
+            except TimeoutError:
                 status = await store.status(job_id)
-                if status.done:
-                    return status
-                if time.monotonic() > deadline:
-                    raise TimeoutError(
-                        f"job {job_id} not done after {timeout}s: {status}\n{self.worker_logs()}"
-                    )
-                await store.wait_for_events(job_id, "$", 200)
+                raise TimeoutError(
+                    f"job {job_id} not done after {timeout}s: {status}\n{self.worker_logs()}"
+                ) from None
 
         result: JobStatus = self.run(self.with_store(wait))
         return result
