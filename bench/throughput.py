@@ -27,10 +27,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cli.commands import open_store, submit  # noqa: E402
+from cli.processes import free_port, stop_processes  # noqa: E402
 from shared.embedded import EmbeddedRedis  # noqa: E402
 from shared.mcp_client import build_client  # noqa: E402
-from shared.settings import ServerConfig, Settings, load_settings  # noqa: E402
-from tests.harness import Cluster, demo_http_server, http_demo, make_cluster, stdio_demo  # noqa: E402
+from shared.settings import ServerConfig, Settings, WorkerSettings, load_settings  # noqa: E402
+from tests.harness import Cluster, http_demo, make_cluster, start_demo_http, stdio_demo  # noqa: E402
 
 
 async def direct(config: ServerConfig, items: int, concurrency: int, sessions: int) -> float:
@@ -88,13 +89,49 @@ def swarm(cluster: Cluster, settings: Settings, items: int, workdir: Path) -> fl
     return items / elapsed
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process so far (Linux /proc; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU milliseconds per item spent by this process, the workers and the MCP server (if known)."""
+
+    def __init__(self, cluster: Cluster, server_pid: int | None) -> None:
+        self.cluster, self.server_pid = cluster, server_pid
+        self.samples: dict[str, list[float]] = {}
+
+    def measure(self, label: str, items: int, run: Callable[[], float]) -> float:
+        pids = {"workers": [w.pid for w in self.cluster.workers], "server": [self.server_pid or 0]}
+        before = {k: sum(cpu_seconds(p) for p in v) for k, v in pids.items()}
+        own = time.process_time()
+        rate = run()
+        spent = {k: sum(cpu_seconds(p) for p in v) - before[k] for k, v in pids.items()}
+        spent["client"] = time.process_time() - own
+        for part, seconds in spent.items():
+            self.samples.setdefault(f"{label}.{part}", []).append(seconds * 1000 / items)
+        return rate
+
+    def per_item(self, key: str) -> float:
+        return statistics.median(self.samples.get(key) or [0.0])
+
+
 def median_of(rounds: int, measure: Callable[[], float]) -> tuple[float, list[float]]:
     samples = [measure() for _ in range(rounds)]
     return statistics.median(samples), samples
 
 
 def run_transport(
-    name: str, server: dict[str, object], args: argparse.Namespace, redis_url: str, workdir: Path
+    name: str,
+    server: dict[str, object],
+    args: argparse.Namespace,
+    redis_url: str,
+    workdir: Path,
+    server_pid: int | None = None,
 ) -> dict[str, float]:
     per_worker = max(1, args.concurrency // args.workers)
     cluster = make_cluster(
@@ -111,11 +148,20 @@ def run_transport(
         cluster.start_workers(args.workers)
         swarm(cluster, settings, 200, workdir)  # warm-up: open every worker's sessions
         asyncio.run(direct(config, 200, args.concurrency, args.workers))
+        meter = CpuMeter(cluster, server_pid)
         direct_rates: list[float] = []
         swarm_rates: list[float] = []
         for _ in range(args.rounds):
-            direct_rates.append(asyncio.run(direct(config, args.items, args.concurrency, args.workers)))
-            swarm_rates.append(swarm(cluster, settings, args.items, workdir))
+            direct_rates.append(
+                meter.measure(
+                    "direct",
+                    args.items,
+                    lambda: asyncio.run(direct(config, args.items, args.concurrency, args.workers)),
+                )
+            )
+            swarm_rates.append(
+                meter.measure("swarm", args.items, lambda: swarm(cluster, settings, args.items, workdir))
+            )
         naive_items = args.naive_items if name == "http" else max(16, args.naive_items // 10)
         naive_rate = asyncio.run(naive(config, naive_items, args.concurrency))
     finally:
@@ -129,6 +175,17 @@ def run_transport(
     )
     print(
         f"[{name}] swarm  ({args.workers} workers, submit→committed):  {s:8.1f} items/s  {fmt(swarm_rates)}"
+    )
+    client, workers = meter.per_item("direct.client"), meter.per_item("swarm.workers")
+    print(
+        f"[{name}] CPU ms/item: direct client {client:.2f}, swarm workers {workers:.2f} "
+        f"({workers / client if client else 0:.2f}x), swarm submit+wait {meter.per_item('swarm.client'):.2f}"
+        + (
+            f", server {meter.per_item('direct.server'):.2f} (direct) / {meter.per_item('swarm.server'):.2f}"
+            " (swarm)"
+            if server_pid
+            else ""
+        )
     )
     print(f"[{name}] swarm/direct={s / d:.2f} swarm/naive={s / naive_rate:.2f}", flush=True)
     return {"direct": d, "naive": naive_rate, "swarm": s}
@@ -147,7 +204,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--chunk-size", type=int, default=25)
+    parser.add_argument("--chunk-size", type=int, default=WorkerSettings().chunk_size)
     parser.add_argument("--chunks-in-flight", type=int, default=4)
     parser.add_argument("--transports", default="http,stdio")
     args = parser.parse_args()
@@ -163,10 +220,19 @@ def main() -> None:
                 results["stdio"] = run_transport("stdio", stdio_demo(), args, redis_url, Path(tmp) / "stdio")
             if "http" in transports:
                 (Path(tmp) / "http").mkdir()
-                with demo_http_server() as url:
+                port = free_port()
+                http_server = start_demo_http(port)
+                try:
                     results["http"] = run_transport(
-                        "http", http_demo(url), args, redis_url, Path(tmp) / "http"
+                        "http",
+                        http_demo(f"http://127.0.0.1:{port}/mcp"),
+                        args,
+                        redis_url,
+                        Path(tmp) / "http",
+                        server_pid=http_server.pid,
                     )
+                finally:
+                    stop_processes([http_server], grace_s=5)
         finally:
             redis.stop()
     last = results.get("http") or next(iter(results.values()))

@@ -422,7 +422,7 @@ class JobStore:
     async def wait_until_done(self, job_id: str, timeout_s: float | None = None) -> JobStatus:
         """Block until the job is finished or cancelled; TimeoutError after ``timeout_s``."""
         async with asyncio.timeout(timeout_s):
-            async for status in self.follow(job_id, every_s=0.02):
+            async for status in self.follow(job_id, every_s=0.05):
                 if status.done:
                     return status
         raise AssertionError("unreachable: follow ends with a done status")
