@@ -160,6 +160,8 @@ class ExecutionContext:
     job_retries: dict[str, RetryPolicy | None] = field(default_factory=dict)
     # Items whose call started since the last heartbeat, which records them (see expire.lua).
     started_calls: dict[str, tuple[str, int, int]] = field(default_factory=dict)
+    # Broker delivery tags of the chunk messages running here, held by the heartbeat.
+    deliveries: set[str] = field(default_factory=set)
 
     def limit(self, server: str) -> asyncio.Semaphore:
         semaphore = self.limits.get(server)

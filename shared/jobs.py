@@ -36,6 +36,11 @@ class Enqueuer(Protocol):
         """Put chunks on their servers' queues; ``urgent`` ones (taken back from a dead worker)
         go ahead of new work."""
 
+    def restore_orphans(self, older_than_s: float, live: set[str]) -> int:
+        """Put back on their queues the chunk messages delivered more than ``older_than_s`` ago
+        that are still unacknowledged and not in ``live`` (so their worker died before claiming
+        their items); return how many."""
+
 
 @dataclass(frozen=True)
 class Submitted:

@@ -73,6 +73,12 @@ class Keys:
         """
         return f"{self.prefix}leases"
 
+    @property
+    def deliveries(self) -> str:
+        """Sorted set of broker delivery tags of chunks a live worker is running, by expiry (ms):
+        an unacked chunk message that no live worker claims here was orphaned by a dead one."""
+        return f"{self.prefix}deliveries"
+
     def slots(self, server: str) -> str:
         """Sorted set: the cluster-wide concurrency slots of a server, scored by expiry (ms)."""
         return f"{self.prefix}slots:{server}"

@@ -28,6 +28,7 @@ class ReapReport:
     locked: bool
     requeued: int = 0
     poisoned: int = 0
+    restored: int = 0  # chunk messages a dead worker took and never claimed, put back on the queue
 
 
 def poison_record(
@@ -91,6 +92,10 @@ async def reap_once(store: JobStore, enqueuer: Enqueuer, settings: Settings, wor
         await store.requeued()  # only now: a reaper that dies before this point is redone next pass
         for job_id in await store.stalled_backlogs(idle_ms=STALLED_BACKLOG_MS):
             await feed_next(store, enqueuer, job_id)
+        # A worker killed between taking a chunk message and claiming its items leaves no lease to
+        # expire: without this the message waits for the broker's visibility timeout.
+        live = await store.live_deliveries()
+        restored = await asyncio.to_thread(enqueuer.restore_orphans, settings.worker.lease_s, live)
     finally:
         await store.unlock(lock, token)
-    return ReapReport(locked=True, requeued=requeued, poisoned=poisoned)
+    return ReapReport(locked=True, requeued=requeued, poisoned=poisoned, restored=restored)

@@ -205,6 +205,20 @@ class JobStore:
             expiry = int(time.time() * 1000 + lease_s * 1000)
             await self.client.zadd(self.keys.leases, dict.fromkeys(members, expiry), xx=True)
 
+    async def hold_deliveries(self, tags: Sequence[str], lease_s: float) -> None:
+        """Say these chunk messages (broker delivery tags) are running here, for ``lease_s``."""
+        if tags:
+            expiry = int(time.time() * 1000 + lease_s * 1000)
+            await self.client.zadd(self.keys.deliveries, dict.fromkeys(tags, expiry))
+
+    async def live_deliveries(self) -> set[str]:
+        """Delivery tags some live worker holds (expired holds are dropped on the way)."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.zremrangebyscore(self.keys.deliveries, "-inf", int(time.time() * 1000))
+            pipe.zrange(self.keys.deliveries, 0, -1)
+            _, tags = await pipe.execute()
+        return set(tags)
+
     async def mark_calling(self, entries: Sequence[tuple[str, int, int]]) -> None:
         """Record that these items (job_id, index, epoch) have started their call: a lost lease
         counts fully against an item only if its call had started (see expire.lua)."""

@@ -9,7 +9,6 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.errors import RedisUnavailable
-from shared.executor import execute_chunk
 from shared.models import Chunk
 from workers.app import RUN_CHUNK, runtime_of
 
@@ -22,8 +21,9 @@ def run_chunk(self: Task, job_id: str, server: str, items: list[int]) -> dict[st
     """Run one chunk of a job's items on this worker's event loop."""
     runtime = runtime_of(self.app)
     chunk = Chunk(job_id=job_id, server=server, items=items)
+    delivery_tag = (self.request.properties or {}).get("delivery_tag")
     try:
-        report = runtime.run(execute_chunk(runtime.context, chunk))
+        report = runtime.run_chunk(chunk, delivery_tag)
     except (RedisUnavailable, RedisConnectionError, RedisTimeoutError) as exc:
         raise self.retry(exc=exc, countdown=REDIS_RETRY_COUNTDOWN_S, max_retries=REDIS_MAX_RETRIES) from exc
     return report.model_dump()

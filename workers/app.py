@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -105,6 +106,21 @@ class CeleryEnqueuer:
                 connection.ensure_connection(max_retries=1, timeout=5)
         except Exception as exc:  # kombu wraps transport errors in many types
             raise RedisUnavailable(f"cannot reach the broker at {self.app.conf.broker_url}: {exc}") from None
+
+    def restore_orphans(self, older_than_s: float, live: set[str]) -> int:
+        """Requeue unacked chunk messages older than ``older_than_s`` that no live worker holds, with
+        kombu's own restore (the message goes back whole; its claims then skip settled items)."""
+        restored = 0
+        with self.app.pool.acquire(block=True) as connection:  # the reaper asks every second: reuse one
+            channel = connection.default_channel
+            client, qos = channel.client, channel.qos
+            delivered_before = time.time() - older_than_s
+            for tag in client.zrange(qos.unacked_index_key, delivered_before, 0, desc=True, byscore=True):
+                tag = tag.decode() if isinstance(tag, bytes) else str(tag)
+                if tag not in live:
+                    qos.restore_by_tag(tag, client)
+                    restored += 1
+        return restored
 
     def enqueue(self, chunks: Sequence[Chunk], *, urgent: bool = False) -> None:
         # On the Redis transport a lower priority number is served first.

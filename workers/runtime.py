@@ -19,11 +19,12 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 from shared.embedded import redis_url
-from shared.executor import BatchCommitter, ExecutionContext, drain
+from shared.executor import BatchCommitter, ExecutionContext, drain, execute_chunk
 from shared.jobs import Enqueuer
 from shared.keys import Keys
 from shared.limiter import ClusterLimiter
 from shared.mcp_client import McpPool
+from shared.models import Chunk, ChunkReport
 from shared.probes import Breaker, probe_due_servers
 from shared.reaper import reap_once
 from shared.settings import Settings
@@ -69,6 +70,16 @@ class WorkerRuntime:
         """Run a coroutine on the loop from any thread and wait for its result."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
+    def run_chunk(self, chunk: Chunk, delivery_tag: str | None) -> ChunkReport:
+        """Run one chunk message; the heartbeat says its delivery is held here while it runs."""
+        ctx = self.context
+        if delivery_tag:
+            ctx.deliveries.add(delivery_tag)
+        try:
+            return self.run(execute_chunk(ctx, chunk))
+        finally:
+            ctx.deliveries.discard(delivery_tag or "")
+
     def start(self) -> None:
         self._thread.start()
         self.run(self._open(), timeout=30)
@@ -110,6 +121,7 @@ class WorkerRuntime:
             try:
                 await ctx.store.mark_calling(ctx.take_started_calls())
                 await ctx.store.renew(ctx.leased(), worker.lease_s)
+                await ctx.store.hold_deliveries(list(ctx.deliveries), worker.lease_s)
                 if ctx.limiter is not None:
                     await ctx.limiter.renew()
                 await ctx.store.client.set(key, record, ex=max(HEARTBEAT_TTL_S, int(worker.lease_s * 2)))
@@ -125,11 +137,12 @@ class WorkerRuntime:
                 continue
             try:
                 report = await reap_once(ctx.store, self.enqueuer, self.settings, self.worker_id)
-                if report.requeued or report.poisoned:
+                if report.requeued or report.poisoned or report.restored:
                     log.warning(
-                        "reaper: %d items taken back and requeued, %d poisoned",
+                        "reaper: %d items taken back and requeued, %d poisoned, %d orphaned chunks restored",
                         report.requeued,
                         report.poisoned,
+                        report.restored,
                     )
             except Exception as exc:  # the reaper must outlive a Redis blip
                 log.warning("reaper failed: %s", exc)

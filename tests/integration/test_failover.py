@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -121,6 +123,49 @@ def test_kill_9_one_of_three_workers_loses_and_duplicates_nothing(
     records = settled_exactly_once(cluster, job_id, total)
     assert victim_id not in {r.worker for r in records[-50:]}
     assert in_flight > 0
+
+
+# A consumer that takes one chunk message off the demo queue, unacknowledged, and then waits to be
+# killed: a worker that died between the broker's delivery and the claim of the chunk's items.
+TAKE_ONE_CHUNK = """
+import time
+from shared.keys import Keys
+from shared.settings import load_settings
+from workers.app import create_app
+settings = load_settings()
+app = create_app(settings)
+with app.connection_for_write() as connection:
+    channel = connection.default_channel
+    message = None
+    while message is None:
+        message = channel.basic_get(Keys(settings.namespace).queue("demo"), no_ack=False)
+        time.sleep(0.05)
+    print("taken", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_chunk_taken_by_a_worker_that_died_before_claiming_runs_again_within_seconds(
+    redis_url: str, tmp_path: Path, stop_workers: list[Cluster]
+) -> None:
+    """No lease exists to expire: the reaper puts back the unacked message no live worker holds,
+    long before the broker's visibility timeout (60 s) would."""
+    cluster = make_cluster(tmp_path, redis_url, {"demo": stdio_demo(pool_size=1)}, extra=FAST_LEASES)
+    stop_workers.append(cluster)
+    total = 20
+    job_id = submit(cluster, sleeps(total, 10))  # two chunks, no worker yet
+    taker = subprocess.Popen(
+        [sys.executable, "-c", TAKE_ONE_CHUNK], env=cluster.env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert taker.stdout is not None and taker.stdout.readline().strip() == "taken"
+    finally:
+        os.kill(taker.pid, signal.SIGKILL)
+        taker.wait()
+    cluster.start_workers(1)
+    status = cluster.wait_for_job(job_id, timeout=30)
+    assert status.state == "finished" and status.succeeded == total
+    settled_exactly_once(cluster, job_id, total)
 
 
 def test_stalled_worker_resumes_and_its_late_commits_are_refused(
