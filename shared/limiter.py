@@ -23,12 +23,15 @@ from shared.batching import Coalescer
 from shared.keys import Keys
 from shared.lua import load_lua
 
-RETRY_WAIT_S = (0.002, 0.01)  # polling for a free slot: jittered, short
+RETRY_WAIT_S = (0.002, 0.01)  # a process's poll for free slots while calls wait: jittered, short
 LOCAL_HANDOVERS = 16  # uses of a slot in one process before it goes back to the cluster
 IDLE_HOLD_S = 0.05
 
 
 class ServerSlots:
+    """One process's side of one server's semaphore: slots it holds, calls waiting for one, and a
+    single poller that asks Redis for slots on behalf of every waiting call."""
+
     def __init__(self, limiter: ClusterLimiter, server: str, limit: int) -> None:
         self.limiter = limiter
         self.server = server
@@ -38,15 +41,26 @@ class ServerSlots:
         self.waiters: deque[asyncio.Future[str]] = deque()
         self.idle: deque[str] = deque()  # held, unused, kept briefly for the next call
         self._sweeper: asyncio.TimerHandle | None = None
+        self._poller: asyncio.Task[None] | None = None
         self._acquire = Coalescer(self._acquire_batch)
         self._release = Coalescer(self._release_batch)
 
+    def _token(self) -> str:
+        return f"{self.limiter.worker_id}:{next(self.limiter.counter)}"
+
     async def _acquire_batch(self, tokens: list[str]) -> list[bool]:
+        granted = await self._acquire_tokens(tokens)
+        return [i < granted for i in range(len(tokens))]
+
+    async def _acquire_tokens(self, tokens: list[str]) -> int:
+        """Ask for a slot per token in one script call; the first ``granted`` tokens now hold one."""
         expiry = int((time.time() + self.limiter.lease_s) * 1000)
         granted = int(
             await self.limiter.acquire_script(keys=[self.key], args=[self.limit, _now_ms(), expiry, *tokens])
         )
-        return [i < granted for i in range(len(tokens))]
+        for token in tokens[:granted]:
+            self.held[token] = 0
+        return granted
 
     async def _release_batch(self, tokens: list[str]) -> list[None]:
         await self.limiter.client.zrem(self.key, *tokens)
@@ -55,38 +69,61 @@ class ServerSlots:
     async def take(self) -> str:
         if self.idle:
             return self.idle.popleft()
-        while True:
-            token = f"{self.limiter.worker_id}:{next(self.limiter.counter)}"
+        if not self.waiters:  # nobody is queued ahead: ask the cluster at once
+            token = self._token()
             if await self._acquire.submit(token):
-                self.held[token] = 0
                 return token
-            # Backpressure: wait for a local handover or poll the cluster again shortly.
-            handed: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-            self.waiters.append(handed)
+            if self.idle:
+                return self.idle.popleft()
+        # Backpressure: queue for a slot freed here or won from the cluster by the poller.
+        handed: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self.waiters.append(handed)
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.create_task(self._poll())
+        try:
+            return await handed
+        except asyncio.CancelledError:
+            if handed.done() and not handed.cancelled():
+                self._hand(handed.result())  # won a slot just as it was cancelled: pass it on
+            raise
+        finally:
+            if handed in self.waiters:
+                self.waiters.remove(handed)
+
+    async def _poll(self) -> None:
+        """While calls wait, ask Redis for as many slots as there are waiters, every few ms: one
+        script call per interval for the whole process, however many calls wait."""
+        while any(not w.done() for w in self.waiters):
+            await asyncio.sleep(random.uniform(*RETRY_WAIT_S))
+            wanted = sum(1 for w in self.waiters if not w.done())
+            if not wanted:
+                return
+            tokens = [self._token() for _ in range(wanted)]
             try:
-                return await asyncio.wait_for(asyncio.shield(handed), random.uniform(*RETRY_WAIT_S))
-            except TimeoutError:
-                if handed.done():
-                    return handed.result()
-                handed.cancel()
-            finally:
-                if handed in self.waiters:
-                    self.waiters.remove(handed)
+                granted = await self._acquire_tokens(tokens)
+            except Exception:  # a Redis blip: the waiters keep waiting, the next pass asks again
+                continue
+            for token in tokens[:granted]:
+                self._hand(token)
+
+    def _hand(self, token: str) -> None:
+        """Give a held slot to the first live waiter, else keep it idle briefly."""
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(token)
+                return
+        # Nobody here waits now, but the next call usually comes within milliseconds: keep
+        # the slot briefly instead of two round trips (give back, take again).
+        self.idle.append(token)
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(IDLE_HOLD_S, self._sweep)
 
     async def give_back(self, token: str) -> None:
         handovers = self.held.get(token, 0)
         if handovers < LOCAL_HANDOVERS:
             self.held[token] = handovers + 1
-            while self.waiters:
-                waiter = self.waiters.popleft()
-                if not waiter.done():
-                    waiter.set_result(token)
-                    return
-            # Nobody here waits now, but the next call usually comes within milliseconds: keep
-            # the slot briefly instead of two round trips (give back, take again).
-            self.idle.append(token)
-            if self._sweeper is None:
-                self._sweeper = asyncio.get_running_loop().call_later(IDLE_HOLD_S, self._sweep)
+            self._hand(token)
             return
         self.held.pop(token, None)
         await self._release.submit(token)
