@@ -81,6 +81,9 @@ class WorkerRuntime:
             ctx.deliveries.discard(delivery_tag or "")
 
     def start(self) -> None:
+        # The HTTP client logs every request at INFO: a line per tool call in the worker's log,
+        # and CPU per item spent formatting and writing it. Its warnings still come through.
+        logging.getLogger("httpx2").setLevel(logging.WARNING)
         self._thread.start()
         self.run(self._open(), timeout=30)
         log.info("toolswarm worker runtime %s started", self.worker_id)
