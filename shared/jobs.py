@@ -109,7 +109,7 @@ def resolve_items(spec: JobSpec, settings: Settings) -> list[ItemSpec]:
             known = ", ".join(sorted(settings.servers)) or "none configured"
             errors.append(f"item {number}: unknown server {server!r} (known: {known})")
             continue
-        resolved.append(item.model_copy(update={"server": server}))
+        resolved.append(item if item.server == server else item.model_copy(update={"server": server}))
     if errors:
         raise JobSpecError(_summarise(errors))
     return resolved
@@ -137,6 +137,8 @@ async def validate_arguments(items: Sequence[ItemSpec], settings: Settings, stor
         validator = validators.get((server, item.tool))
         if validator is None:
             validator = validators[(server, item.tool)] = Draft202012Validator(schemas[item.tool] or {})
+        if validator.is_valid(item.arguments):  # the common case, without collecting errors
+            continue
         for problem in sorted(validator.iter_errors(item.arguments), key=lambda e: list(e.path)):
             where = ".".join(["arguments", *(str(p) for p in problem.path)])
             errors.append(f"item {number}: {where}: {problem.message}")
