@@ -114,6 +114,8 @@ class CeleryEnqueuer:
         with self.app.pool.acquire(block=True) as connection:  # the reaper asks every second: reuse one
             channel = connection.default_channel
             client, qos = channel.client, channel.qos
+            if not hasattr(qos, "unacked_index_key"):  # not kombu's Redis transport: nothing to scan
+                return 0
             delivered_before = time.time() - older_than_s
             for tag in client.zrange(qos.unacked_index_key, delivered_before, 0, desc=True, byscore=True):
                 tag = tag.decode() if isinstance(tag, bytes) else str(tag)
