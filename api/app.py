@@ -280,7 +280,7 @@ def create_api(
     async def readyz() -> JSONResponse:
         """Redis answers: the API can take jobs."""
         try:
-            await ping(store().client, state["url"])
+            await ping(state["url"])
         except RedisUnavailable as exc:
             return problem(503, exc.message)
         return JSONResponse({"ok": True})

@@ -36,7 +36,7 @@ async def open_store(settings: Settings) -> AsyncIterator[JobStore]:
     except ValueError as exc:  # redis-py rejects a malformed URL with ValueError
         raise ConfigError(f"invalid Redis URL {url!r}: {exc}") from None
     try:
-        await ping(client, url)
+        await ping(url)
         yield JobStore(client, Keys(settings.namespace), settings.global_events_maxlen)
     finally:
         await client.aclose()

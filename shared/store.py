@@ -10,7 +10,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -37,12 +37,18 @@ def connect(url: str, **kwargs: Any) -> aioredis.Redis:
     return aioredis.Redis.from_url(url, decode_responses=True, **kwargs)
 
 
-async def ping(client: aioredis.Redis, url: str) -> None:
-    """Raise :class:`RedisUnavailable` naming the URL when Redis cannot be reached."""
+async def ping(url: str) -> None:
+    """Raise :class:`RedisUnavailable` naming the URL when Redis cannot be reached, at once: the
+    check does not wait out the client's retries (someone at a prompt, a readiness probe)."""
+    probe = aioredis.Redis.from_url(
+        url, retry=Retry(NoBackoff(), 0), retry_on_error=[], socket_connect_timeout=5, socket_timeout=5
+    )
     try:
-        await client.ping()
+        await probe.ping()
     except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
         raise RedisUnavailable(f"cannot reach Redis at {url}: {exc}") from None
+    finally:
+        await probe.aclose()
 
 
 @dataclass(frozen=True)
