@@ -180,7 +180,8 @@ class WorkerRuntime:
         if self._context is not None:
             store = self._context.store
             try:
-                await store.client.delete(store.keys.worker(self.worker_id))
+                # Briefly: if Redis is already gone (Ctrl-C reaches it too), the key expires anyway.
+                await asyncio.wait_for(store.client.delete(store.keys.worker(self.worker_id)), 1.0)
             except Exception as exc:  # shutting down: Redis may already be gone
                 log.debug("could not remove heartbeat: %s", exc)
             await store.client.aclose()
