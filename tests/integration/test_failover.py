@@ -128,6 +128,7 @@ def test_kill_9_one_of_three_workers_loses_and_duplicates_nothing(
 # A consumer that takes one chunk message off the demo queue, unacknowledged, and then waits to be
 # killed: a worker that died between the broker's delivery and the claim of the chunk's items.
 TAKE_ONE_CHUNK = """
+import signal
 import time
 from shared.keys import Keys
 from shared.settings import load_settings
@@ -141,7 +142,7 @@ with app.connection_for_write() as connection:
         message = channel.basic_get(Keys(settings.namespace).queue("demo"), no_ack=False)
         time.sleep(0.05)
     print("taken", flush=True)
-    time.sleep(600)
+    signal.pause()  # until the test kills it
 """
 
 
@@ -290,7 +291,7 @@ def test_redis_restart_mid_job_loses_nothing(
         job_id = submit(cluster, sleeps(total, 50))
         wait_until(lambda: status_of(cluster, job_id).settled > 50, 60, "job under way")
         redis.stop()
-        time.sleep(1.0)
+        time.sleep(1.0)  # Redis stays down for a while: commands fail and are retried
         restarted = EmbeddedRedis(redis.settings, port=port, appendonly=True, data_dir=tmp_path / "data")
         restarted.start(publish=False)
         redis = restarted

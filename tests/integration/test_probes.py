@@ -81,10 +81,11 @@ def test_breaker_holds_items_while_the_server_is_down(
                 break
             assert time.monotonic() < deadline, "the breaker never opened"
             time.sleep(0.2)
-        held = json.loads(cluster.cli("status", job_id, "--json").stdout)
-        time.sleep(3)
-        later = json.loads(cluster.cli("status", job_id, "--json").stdout)
-        assert later["failed"] == held["failed"] == 0, "held, not failed"
+        watched_until = time.monotonic() + 3  # several backoffs' worth of the server being down
+        while time.monotonic() < watched_until:
+            assert json.loads(cluster.cli("status", job_id, "--json").stdout)["failed"] == 0, (
+                "held, not failed"
+            )
         server = start_demo_http(port)
         status = cluster.wait_for_job(job_id, timeout=120)
         assert status.succeeded == 600 and status.failed == 0

@@ -133,7 +133,7 @@ WRITER = textwrap.dedent(
         for i in range(count):
             await log.append({"type": "item.settled", "index": str(i), "status": "succeeded"})
         print("appended", flush=True)
-        await asyncio.sleep(3600)  # killed here: after the appends, before any snapshot
+        await asyncio.Event().wait()  # killed here: after the appends, before any snapshot
         await log.snapshot()
 
     asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
