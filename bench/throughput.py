@@ -205,7 +205,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--chunk-size", type=int, default=WorkerSettings().chunk_size)
-    parser.add_argument("--chunks-in-flight", type=int, default=4)
+    parser.add_argument("--chunks-in-flight", type=int, default=WorkerSettings().chunks_in_flight)
     parser.add_argument("--transports", default="http,stdio")
     args = parser.parse_args()
 

@@ -32,7 +32,7 @@ from shared.errors import (
     UnknownTool,
 )
 from shared.jobs import Enqueuer, feed_next
-from shared.limiter import ClusterLimiter
+from shared.limiter import ClusterLimiter, LocalSlots
 from shared.mcp_client import ToolCaller
 from shared.models import CallResult, Chunk, ChunkReport, ItemError, ResultRecord, item_id
 from shared.probes import Breaker
@@ -150,7 +150,7 @@ class ExecutionContext:
     caller: ToolCaller
     committer: BatchCommitter
     worker_id: str
-    limits: dict[str, asyncio.Semaphore] = field(default_factory=dict)
+    limits: dict[str, LocalSlots] = field(default_factory=dict)
     held: dict[str, str] = field(default_factory=dict)  # "job_id:index" -> WAITING | CALLING | RELEASED
     item_tasks: dict[str, asyncio.Task[tuple[ResultRecord, bool] | None]] = field(default_factory=dict)
     draining: bool = False
@@ -163,18 +163,19 @@ class ExecutionContext:
     # Broker delivery tags of the chunk messages running here, held by the heartbeat.
     deliveries: set[str] = field(default_factory=set)
 
-    def limit(self, server: str) -> asyncio.Semaphore:
-        semaphore = self.limits.get(server)
-        if semaphore is None:
+    def limit(self, server: str) -> LocalSlots:
+        slots = self.limits.get(server)
+        if slots is None:
             config = self.settings.server(server)
             size = min(config.max_concurrency, self.settings.worker.calls_in_flight)
-            semaphore = self.limits[server] = asyncio.Semaphore(size)
-        return semaphore
+            slots = self.limits[server] = LocalSlots(size)
+        return slots
 
     @asynccontextmanager
-    async def call_slot(self, server: str) -> AsyncIterator[None]:
-        """A place for one call: this process's own bound, then the server's cluster-wide slot."""
-        async with self.limit(server):
+    async def call_slot(self, server: str, urgent: bool = False) -> AsyncIterator[None]:
+        """A place for one call: this process's own bound (urgent items first), then the server's
+        cluster-wide slot."""
+        async with self.limit(server).slot(urgent):
             if self.limiter is None:
                 yield
             else:
@@ -199,7 +200,11 @@ class ExecutionContext:
 
 
 async def call_item(
-    ctx: ExecutionContext, job_id: str, claim: Claim, policy: RetryPolicy | None = None
+    ctx: ExecutionContext,
+    job_id: str,
+    claim: Claim,
+    policy: RetryPolicy | None = None,
+    urgent: bool = False,
 ) -> ResultRecord:
     """Call one item's tool with retries and turn whatever happens into its result record.
 
@@ -224,7 +229,7 @@ async def call_item(
         nonlocal attempts, spent
         if ctx.breaker is not None:
             await ctx.breaker.wait_healthy(server)
-        async with ctx.call_slot(server):
+        async with ctx.call_slot(server, urgent):
             if ctx.draining:
                 raise Draining(member)
             attempts += 1
@@ -277,12 +282,16 @@ async def call_item(
 
 
 async def run_item(
-    ctx: ExecutionContext, job_id: str, claim: Claim, policy: RetryPolicy | None = None
+    ctx: ExecutionContext,
+    job_id: str,
+    claim: Claim,
+    policy: RetryPolicy | None = None,
+    urgent: bool = False,
 ) -> tuple[ResultRecord, bool] | None:
     """Call and commit one item; None when shutdown took it back before it finished."""
     member = item_id(job_id, claim.index)
     try:
-        record = await call_item(ctx, job_id, claim, policy)
+        record = await call_item(ctx, job_id, claim, policy, urgent)
         landed = await ctx.committer.commit(job_id, Settlement(record=record, epoch=claim.epoch))
         return record, landed
     except Draining:
@@ -305,7 +314,7 @@ async def execute_chunk(ctx: ExecutionContext, chunk: Chunk) -> ChunkReport:
     for claim in claims:
         member = item_id(chunk.job_id, claim.index)
         ctx.held[member] = WAITING
-        task = asyncio.create_task(run_item(ctx, chunk.job_id, claim, policy))
+        task = asyncio.create_task(run_item(ctx, chunk.job_id, claim, policy, chunk.urgent))
         ctx.item_tasks[member] = task
         tasks.append(task)
     outcomes = await asyncio.gather(*tasks, return_exceptions=True)

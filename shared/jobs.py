@@ -32,9 +32,9 @@ class Enqueuer(Protocol):
     def check(self) -> None:
         """Raise RedisUnavailable when the broker cannot be reached."""
 
-    def enqueue(self, chunks: Sequence[Chunk], *, urgent: bool = False) -> None:
-        """Put chunks on their servers' queues; ``urgent`` ones (taken back from a dead worker)
-        go ahead of new work."""
+    def enqueue(self, chunks: Sequence[Chunk]) -> None:
+        """Put chunks on their servers' queues; urgent ones (taken back from a dead worker) go
+        ahead of new work."""
 
     def restore_orphans(self, older_than_s: float, live: set[str]) -> int:
         """Put back on their queues the chunk messages delivered more than ``older_than_s`` ago

@@ -28,6 +28,51 @@ LOCAL_HANDOVERS = 16  # uses of a slot in one process before it goes back to the
 IDLE_HOLD_S = 0.05
 
 
+class LocalSlots:
+    """One process's own bound on calls in flight to one server. A freed place goes to an urgent
+    call first (an item taken back from a dead worker), then to the others in arrival order: a
+    worker holds more claimed items than it can call at once, and a taken-back item must not
+    queue behind all of them."""
+
+    def __init__(self, size: int) -> None:
+        self.free = size
+        self.urgent: deque[asyncio.Future[None]] = deque()
+        self.normal: deque[asyncio.Future[None]] = deque()
+
+    async def acquire(self, urgent: bool = False) -> None:
+        if self.free > 0 and not self.urgent and not self.normal:
+            self.free -= 1
+            return
+        granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        queue = self.urgent if urgent else self.normal
+        queue.append(granted)
+        try:
+            await granted
+        except asyncio.CancelledError:
+            if granted.done() and not granted.cancelled():
+                self.release()  # granted just as it was cancelled: pass the place on
+            elif granted in queue:
+                queue.remove(granted)
+            raise
+
+    def release(self) -> None:
+        for queue in (self.urgent, self.normal):
+            while queue:
+                waiter = queue.popleft()
+                if not waiter.done():
+                    waiter.set_result(None)
+                    return
+        self.free += 1
+
+    @asynccontextmanager
+    async def slot(self, urgent: bool = False) -> AsyncIterator[None]:
+        await self.acquire(urgent)
+        try:
+            yield
+        finally:
+            self.release()
+
+
 class ServerSlots:
     """One process's side of one server's semaphore: slots it holds, calls waiting for one, and a
     single poller that asks Redis for slots on behalf of every waiting call."""

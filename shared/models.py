@@ -104,6 +104,8 @@ class Chunk(BaseModel):
     job_id: str
     server: str
     items: list[int] = Field(min_length=1)
+    # Taken back from a worker that died: ahead of new work in the queue and in the worker.
+    urgent: bool = False
 
 
 class ChunkReport(BaseModel):

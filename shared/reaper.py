@@ -82,12 +82,12 @@ async def reap_once(store: JobStore, enqueuer: Enqueuer, settings: Settings, wor
                 poisoned += (await store.commit(job_id, poison, force=True)).committed
             size = settings.worker.chunk_size
             chunks = [
-                Chunk(job_id=job_id, server=server, items=items[start : start + size])
+                Chunk(job_id=job_id, server=server, items=items[start : start + size], urgent=True)
                 for server, items in again.items()
                 for start in range(0, len(items), size)
             ]
             if chunks:
-                await asyncio.to_thread(enqueuer.enqueue, chunks, urgent=True)
+                await asyncio.to_thread(enqueuer.enqueue, chunks)
                 requeued += sum(len(c.items) for c in chunks)
         await store.requeued()  # only now: a reaper that dies before this point is redone next pass
         for job_id in await store.stalled_backlogs(idle_ms=STALLED_BACKLOG_MS):

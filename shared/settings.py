@@ -75,8 +75,8 @@ class ServerConfig(_Strict):
 class WorkerSettings(_Strict):
     """How each worker process runs its share of the work."""
 
-    chunk_size: int = Field(default=25, ge=1, le=10_000)
-    chunks_in_flight: int = Field(default=4, ge=1, le=64)
+    chunk_size: int = Field(default=50, ge=1, le=10_000)
+    chunks_in_flight: int = Field(default=2, ge=1, le=64)
     calls_in_flight: int = Field(default=32, ge=1, le=4096)
     commit_batch_size: int = Field(default=256, ge=1, le=10_000)
     # Fairness: at least this many chunks of a job are queued at once (more with more workers).

@@ -17,10 +17,10 @@ REDIS_MAX_RETRIES = 30
 
 
 @shared_task(name=RUN_CHUNK, bind=True, acks_late=True)
-def run_chunk(self: Task, job_id: str, server: str, items: list[int]) -> dict[str, Any]:
+def run_chunk(self: Task, job_id: str, server: str, items: list[int], urgent: bool = False) -> dict[str, Any]:
     """Run one chunk of a job's items on this worker's event loop."""
     runtime = runtime_of(self.app)
-    chunk = Chunk(job_id=job_id, server=server, items=items)
+    chunk = Chunk(job_id=job_id, server=server, items=items, urgent=urgent)
     delivery_tag = (self.request.properties or {}).get("delivery_tag")
     try:
         report = runtime.run_chunk(chunk, delivery_tag)

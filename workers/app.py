@@ -124,17 +124,17 @@ class CeleryEnqueuer:
                     restored += 1
         return restored
 
-    def enqueue(self, chunks: Sequence[Chunk], *, urgent: bool = False) -> None:
-        # On the Redis transport a lower priority number is served first.
-        priority = URGENT_PRIORITY if urgent else NORMAL_PRIORITY
+    def enqueue(self, chunks: Sequence[Chunk]) -> None:
         with self.app.producer_or_acquire() as producer:
             for chunk in chunks:
                 self.app.send_task(
                     RUN_CHUNK,
-                    kwargs=chunk.model_dump(),
+                    # Only urgent chunks carry the flag: a normal message stays as small as before.
+                    kwargs=chunk.model_dump(exclude_defaults=True),
                     queue=self.keys.queue(chunk.server),
                     producer=producer,
-                    priority=priority,
+                    # On the Redis transport a lower priority number is served first.
+                    priority=URGENT_PRIORITY if chunk.urgent else NORMAL_PRIORITY,
                 )
 
 

@@ -78,7 +78,7 @@ def test_no_file_and_no_env_gives_defaults() -> None:
     settings = load_settings()
     assert settings.redis_url is None and settings.broker_url is None
     assert settings.namespace == "toolswarm" and settings.servers == {}
-    assert settings.worker.chunk_size == 25
+    assert settings.worker.chunk_size == 50
 
 
 @pytest.mark.parametrize(
