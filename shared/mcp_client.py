@@ -39,6 +39,7 @@ from shared.settings import ServerConfig
 log = logging.getLogger(__name__)
 
 REQUEST_TIMEOUT_CODE = -32001
+KEEPALIVE_S = 4.0
 
 
 class ToolCaller(Protocol):
@@ -197,6 +198,12 @@ class ServerPool:
             self._http_client = httpx2.AsyncClient(
                 headers=self.config.headers,
                 timeout=httpx2.Timeout(self.config.connect_timeout_s, read=max(300.0, self.config.timeout_s)),
+                # Drop idle connections before the server does (uvicorn's and Node's default is 5 s):
+                # a request sent as the server closes its end fails with a read error, and a read
+                # error discards the whole session.
+                limits=httpx2.Limits(
+                    max_connections=100, max_keepalive_connections=20, keepalive_expiry=KEEPALIVE_S
+                ),
             )
         return self._http_client
 
