@@ -136,11 +136,12 @@ class ServerSlots:
                 self.waiters.remove(handed)
 
     async def _poll(self) -> None:
-        """While calls wait, ask Redis for as many slots as there are waiters, every few ms: one
-        script call per interval for the whole process, however many calls wait."""
+        """While calls wait, ask Redis for as many slots as there are waiters (never more than the
+        limit), every few ms: one script call per interval for the whole process, however many
+        calls wait."""
         while any(not w.done() for w in self.waiters):
             await asyncio.sleep(random.uniform(*RETRY_WAIT_S))
-            wanted = sum(1 for w in self.waiters if not w.done())
+            wanted = min(self.limit, sum(1 for w in self.waiters if not w.done()))
             if not wanted:
                 return
             tokens = [self._token() for _ in range(wanted)]
