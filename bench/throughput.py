@@ -29,14 +29,16 @@ sys.path.insert(0, str(ROOT))
 from cli.commands import open_store, submit  # noqa: E402
 from cli.processes import free_port, stop_processes  # noqa: E402
 from shared.embedded import EmbeddedRedis  # noqa: E402
-from shared.mcp_client import build_client  # noqa: E402
+from shared.mcp_client import build_client, http_client_for  # noqa: E402
 from shared.settings import ServerConfig, Settings, WorkerSettings, load_settings  # noqa: E402
 from tests.harness import Cluster, http_demo, make_cluster, start_demo_http, stdio_demo  # noqa: E402
 
 
 async def direct(config: ServerConfig, items: int, concurrency: int, sessions: int) -> float:
-    """Persistent sessions, ``concurrency`` calls in flight: the ceiling."""
-    clients = [build_client(config, None) for _ in range(sessions)]
+    """Persistent sessions, ``concurrency`` calls in flight: the ceiling. Over HTTP each session
+    gets the HTTP client settings workers use, so both sides pay the same per request."""
+    http = [http_client_for(config) if config.transport == "http" else None for _ in range(sessions)]
+    clients = [build_client(config, h) for h in http]
     entered = [await c.__aenter__() for c in clients]
     try:
         semaphore = asyncio.Semaphore(concurrency)
@@ -52,6 +54,9 @@ async def direct(config: ServerConfig, items: int, concurrency: int, sessions: i
     finally:
         for c in reversed(entered):
             await c.__aexit__(None, None, None)
+        for h in http:
+            if h is not None:
+                await h.aclose()
 
 
 async def naive(config: ServerConfig, items: int, concurrency: int) -> float:
