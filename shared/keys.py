@@ -83,6 +83,10 @@ class Keys:
         """Sorted set: the cluster-wide concurrency slots of a server, scored by expiry (ms)."""
         return f"{self.prefix}slots:{server}"
 
+    def slots_freed(self, server: str) -> str:
+        """Pub/sub channel: a process gave slots of the server back (wakes other processes' waiters)."""
+        return f"{self.prefix}slots-freed:{server}"
+
     def probe(self, server: str) -> str:
         """The last probe of a server (JSON); its ``ok`` is the circuit breaker's state."""
         return f"{self.prefix}probe:{server}"

@@ -5,16 +5,19 @@ member of ``<ns>:slots:<server>`` scored by its expiry; the holder renews it eve
 a dead worker's slots come back within ``lease_s``. Items wait for a slot (backpressure) rather
 than fail. Requests for slots from one process are coalesced into one script call, and a slot
 freed while another item of the same process waits is handed over locally (a few times, then
-given back so other processes get their turn).
+given back so other processes get their turn). A process that gives slots back says so on a
+pub/sub channel; processes with waiting calls ask Redis again when they hear it, not on a timer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import logging
 import random
 import time
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -23,7 +26,12 @@ from shared.batching import Coalescer
 from shared.keys import Keys
 from shared.lua import load_lua
 
-RETRY_WAIT_S = (0.002, 0.01)  # a process's poll for free slots while calls wait: jittered, short
+log = logging.getLogger(__name__)
+
+# While calls wait and no process says it gave slots back, ask anyway this often: a dead
+# worker's slots come back by expiring, which nobody announces.
+UNANNOUNCED_POLL_S = (0.05, 0.1)
+FREED_RECONNECT_S = 1.0
 LOCAL_HANDOVERS = 16  # uses of a slot in one process before it goes back to the cluster
 IDLE_HOLD_S = 0.05
 
@@ -108,7 +116,10 @@ class ServerSlots:
         return granted
 
     async def _release_batch(self, tokens: list[str]) -> list[None]:
-        await self.limiter.client.zrem(self.key, *tokens)
+        async with self.limiter.client.pipeline(transaction=False) as pipe:
+            pipe.zrem(self.key, *tokens)
+            pipe.publish(self.limiter.keys.slots_freed(self.server), len(tokens))
+            await pipe.execute()
         return [None] * len(tokens)
 
     async def take(self) -> str:
@@ -137,10 +148,11 @@ class ServerSlots:
 
     async def _poll(self) -> None:
         """While calls wait, ask Redis for as many slots as there are waiters (never more than the
-        limit), every few ms: one script call per interval for the whole process, however many
-        calls wait."""
+        limit): at once, then each time some process gives slots of this server back. One script
+        call per pass for the whole process, however many calls wait."""
+        freed = self.limiter.freed
         while any(not w.done() for w in self.waiters):
-            await asyncio.sleep(random.uniform(*RETRY_WAIT_S))
+            seen = freed.generation(self.server)
             wanted = min(self.limit, sum(1 for w in self.waiters if not w.done()))
             if not wanted:
                 return
@@ -148,9 +160,11 @@ class ServerSlots:
             try:
                 granted = await self._acquire_tokens(tokens)
             except Exception:  # a Redis blip: the waiters keep waiting, the next pass asks again
-                continue
+                granted = 0
             for token in tokens[:granted]:
                 self._hand(token)
+            if granted < wanted:
+                await freed.wait(self.server, seen, random.uniform(*UNANNOUNCED_POLL_S))
 
     def _hand(self, token: str) -> None:
         """Give a held slot to the first live waiter, else keep it idle briefly."""
@@ -188,6 +202,65 @@ class ServerSlots:
         task.add_done_callback(self.limiter.background.discard)
 
 
+class FreedSlots:
+    """Word that some process gave slots back, per server: one pub/sub connection per process,
+    on every server's channel. Each word bumps the server's generation; a poller that saw
+    generation g before a failed ask waits for a later one, so word that came during the ask
+    is not lost."""
+
+    def __init__(self, client: Any, keys: Keys) -> None:
+        self.client = client
+        self.pattern = keys.slots_freed("*")
+        self.generations: defaultdict[str, int] = defaultdict(int)
+        self.bumped: dict[str, asyncio.Event] = {}
+        self._listener: asyncio.Task[None] | None = None
+
+    def generation(self, server: str) -> int:
+        if self._listener is None:
+            self._listener = asyncio.create_task(self._listen(), name="toolswarm-slots-freed")
+        return self.generations[server]
+
+    async def wait(self, server: str, seen: int, timeout: float) -> None:
+        """Until the server's generation moves past ``seen``, or ``timeout`` seconds."""
+        if self.generations[server] != seen:
+            return
+        bumped = self.bumped.setdefault(server, asyncio.Event())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(bumped.wait(), timeout)
+
+    def bump(self, server: str) -> None:
+        self.generations[server] += 1
+        bumped = self.bumped.pop(server, None)
+        if bumped is not None:
+            bumped.set()
+
+    async def _listen(self) -> None:
+        prefix = self.pattern[:-1]
+        while True:
+            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.psubscribe(self.pattern)
+                async for message in pubsub.listen():
+                    if message.get("type") == "pmessage":
+                        self.bump(str(message["channel"])[len(prefix) :])
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis went away: waiters fall back to asking on a timer
+                log.debug("slots-freed listener lost its connection: %s", exc)
+                for server in list(self.bumped):
+                    self.bump(server)
+                await asyncio.sleep(FREED_RECONNECT_S)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            await asyncio.gather(self._listener, return_exceptions=True)
+            self._listener = None
+
+
 class ClusterLimiter:
     """The per-process side of every server's cluster-wide semaphore."""
 
@@ -200,6 +273,7 @@ class ClusterLimiter:
         self.acquire_script = client.register_script(load_lua("acquire"))
         self.servers: dict[str, ServerSlots] = {}
         self.background: set[asyncio.Future[list[None]]] = set()
+        self.freed = FreedSlots(client, keys)
 
     def _slots(self, server: str, limit: int) -> ServerSlots:
         slots = self.servers.get(server)
@@ -215,6 +289,9 @@ class ClusterLimiter:
             yield
         finally:
             await slots.give_back(token)
+
+    async def close(self) -> None:
+        await self.freed.close()
 
     async def renew(self) -> None:
         """Extend every slot this process holds (called from the heartbeat)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import random
+from functools import partial
 
 import anyio
 from mcp.server import MCPServer
@@ -75,10 +76,22 @@ def main(argv: list[str] | None = None) -> None:
     server = build_server()
     if args.transport == "stdio":
         server.run("stdio")
-    elif args.transport == "http":
-        server.run("streamable-http", host=args.host, port=args.port)
+        return
+    # MCPServer.run() starts uvicorn inside anyio.run() on the stdlib loop, so uvicorn never gets
+    # to pick uvloop itself: ask anyio for it (bench/fanout.py gained 0.01-0.02 in paired runs).
+    if args.transport == "http":
+        serve = partial(server.run_streamable_http_async, host=args.host, port=args.port)
     else:
-        server.run("sse", host=args.host, port=args.port)
+        serve = partial(server.run_sse_async, host=args.host, port=args.port)
+    anyio.run(serve, backend_options={"use_uvloop": _has_uvloop()})
+
+
+def _has_uvloop() -> bool:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 if __name__ == "__main__":

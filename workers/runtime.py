@@ -188,6 +188,8 @@ class WorkerRuntime:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
         if self._context is not None:
+            if self._context.limiter is not None:
+                await self._context.limiter.close()
             store = self._context.store
             try:
                 # Briefly: if Redis is already gone (Ctrl-C reaches it too), the key expires anyway.
