@@ -8,7 +8,6 @@ pool thread) hand it coroutines and block on the answer.
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import logging
 import os
@@ -30,6 +29,7 @@ from shared.probes import Breaker, probe_due_servers
 from shared.reaper import reap_once
 from shared.settings import Settings
 from shared.store import JobStore, connect
+from workers.gc_tuning import tune_gc
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -97,10 +97,10 @@ class WorkerRuntime:
         logging.getLogger("httpx2").setLevel(logging.WARNING)
         self._thread.start()
         self.run(self._open(), timeout=30)
-        # Celery, the MCP SDK and pydantic leave several hundred thousand long-lived objects. A full
-        # collection walked them all: up to 0.2 s with the loop stopped, calls in flight on hold
-        # and holding their slots. Frozen, they are never walked again.
-        gc.freeze()
+        # A collection stops the loop, and every call in flight holds its slot meanwhile. Measured in
+        # bench/fanout.py: one full collection per job, 0.16-0.27 s (Celery, the MCP SDK and
+        # pydantic leave several hundred thousand objects), and 0.2-0.3 s of young collections.
+        tune_gc()
         log.info("toolswarm worker runtime %s started", self.worker_id)
 
     async def _open(self) -> None:
