@@ -20,8 +20,9 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -32,6 +33,8 @@ from shared.embedded import EmbeddedRedis  # noqa: E402
 from shared.mcp_client import build_client, http_client_for  # noqa: E402
 from shared.settings import ServerConfig, Settings, WorkerSettings, load_settings  # noqa: E402
 from tests.harness import Cluster, http_demo, make_cluster, start_demo_http, stdio_demo  # noqa: E402
+from workers.gc_tuning import tune_gc  # noqa: E402
+from workers.runtime import new_event_loop  # noqa: E402
 
 
 async def direct(config: ServerConfig, items: int, concurrency: int, sessions: int) -> float:
@@ -125,6 +128,12 @@ class CpuMeter:
         return statistics.median(self.samples.get(key) or [0.0])
 
 
+def run_like_a_worker(coroutine: Coroutine[Any, Any, float]) -> float:
+    """On the event loop workers run (uvloop): the ceiling is the best direct client."""
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        return runner.run(coroutine)
+
+
 def median_of(rounds: int, measure: Callable[[], float]) -> tuple[float, list[float]]:
     samples = [measure() for _ in range(rounds)]
     return statistics.median(samples), samples
@@ -152,7 +161,7 @@ def run_transport(
     try:
         cluster.start_workers(args.workers)
         swarm(cluster, settings, 200, workdir)  # warm-up: open every worker's sessions
-        asyncio.run(direct(config, 200, args.concurrency, args.workers))
+        run_like_a_worker(direct(config, 200, args.concurrency, args.workers))
         meter = CpuMeter(cluster, server_pid)
         direct_rates: list[float] = []
         swarm_rates: list[float] = []
@@ -161,7 +170,7 @@ def run_transport(
                 meter.measure(
                     "direct",
                     args.items,
-                    lambda: asyncio.run(direct(config, args.items, args.concurrency, args.workers)),
+                    lambda: run_like_a_worker(direct(config, args.items, args.concurrency, args.workers)),
                 )
             )
             swarm_rates.append(
@@ -214,6 +223,7 @@ def main() -> None:
     parser.add_argument("--transports", default="http,stdio")
     args = parser.parse_args()
 
+    tune_gc()  # the direct client (the ceiling) runs here: on the workers' collector settings too
     with tempfile.TemporaryDirectory(prefix="toolswarm-bench-") as tmp:
         redis = EmbeddedRedis(Settings(state_dir=tmp))
         redis_url = redis.start(publish=False)
