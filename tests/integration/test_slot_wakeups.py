@@ -22,6 +22,13 @@ async def hold_then_release(owner: ClusterLimiter, holding: asyncio.Event, relea
         await release.wait()
 
 
+async def listening(waiting: ClusterLimiter, server: str, timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while server not in waiting.freed.bumped:
+        assert asyncio.get_running_loop().time() < deadline, "the waiter never waited for word"
+        await asyncio.sleep(0.01)
+
+
 async def _waiter_hears_release(redis_url: str) -> None:
     keys = Keys(f"wake-{uuid.uuid4().hex[:8]}")
     client = connect(redis_url)
@@ -32,7 +39,7 @@ async def _waiter_hears_release(redis_url: str) -> None:
         await holding.wait()
 
         waiter = asyncio.create_task(second.slot("demo", 1).__aenter__())
-        await asyncio.sleep(0.3)  # the waiter has asked once, been refused, and now listens
+        await listening(second, "demo")  # it has asked once, been refused, and now waits for word
         assert not waiter.done()
         release.set()  # no call of its own waits for it: the holder gives it back after IDLE_HOLD_S
         await holder
