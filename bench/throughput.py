@@ -33,8 +33,7 @@ from shared.embedded import EmbeddedRedis  # noqa: E402
 from shared.mcp_client import build_client, http_client_for  # noqa: E402
 from shared.settings import ServerConfig, Settings, WorkerSettings, load_settings  # noqa: E402
 from tests.harness import Cluster, http_demo, make_cluster, start_demo_http, stdio_demo  # noqa: E402
-from workers.gc_tuning import tune_gc  # noqa: E402
-from workers.runtime import new_event_loop  # noqa: E402
+from workers.tuning import new_event_loop, tune_gc  # noqa: E402
 
 
 async def direct(config: ServerConfig, items: int, concurrency: int, sessions: int) -> float:

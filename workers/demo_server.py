@@ -15,7 +15,7 @@ from mcp.server import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.shared.exceptions import MCPError
 
-from workers.gc_tuning import tune_gc
+from workers.tuning import new_event_loop, tune_gc
 
 # JSON-RPC "internal error": toolswarm classifies it as transient and retries.
 TRANSIENT_ERROR_CODE = -32603
@@ -83,20 +83,12 @@ def main(argv: list[str] | None = None) -> None:
         server.run("stdio")
         return
     # MCPServer.run() starts uvicorn inside anyio.run() on the stdlib loop, so uvicorn never gets
-    # to pick uvloop itself: ask anyio for it (bench/fanout.py gained 0.01-0.02 in paired runs).
+    # to pick uvloop itself: hand anyio the workers' loop (bench/fanout.py gained 0.01-0.02 in paired runs).
     if args.transport == "http":
         serve = partial(server.run_streamable_http_async, host=args.host, port=args.port)
     else:
         serve = partial(server.run_sse_async, host=args.host, port=args.port)
-    anyio.run(serve, backend_options={"use_uvloop": _has_uvloop()})
-
-
-def _has_uvloop() -> bool:
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    anyio.run(serve, backend_options={"loop_factory": new_event_loop})
 
 
 if __name__ == "__main__":

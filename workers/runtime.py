@@ -29,7 +29,7 @@ from shared.probes import Breaker, probe_due_servers
 from shared.reaper import reap_once
 from shared.settings import Settings
 from shared.store import JobStore, connect
-from workers.gc_tuning import tune_gc
+from workers.tuning import new_event_loop, tune_gc
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -37,16 +37,6 @@ T = TypeVar("T")
 HEARTBEAT_TTL_S = 10
 # Set by `toolswarm up` and `toolswarm demo` for the workers they supervise.
 PARENT_PID_ENV = "TOOLSWARM_PARENT_PID"
-
-
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    """uvloop where it is installed (not on Windows): the loop's own work per tool call is a
-    sixth of a worker's CPU on the stdlib loop."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
 
 
 def default_worker_id() -> str:
