@@ -36,7 +36,17 @@ from tests.harness import Cluster, http_demo, make_cluster, start_demo_http, std
 from workers.tuning import new_event_loop, tune_gc  # noqa: E402
 
 
-async def direct(config: ServerConfig, items: int, concurrency: int, sessions: int) -> float:
+def echo_call(i: int) -> tuple[str, dict[str, Any]]:
+    return "echo", {"text": f"item {i}"}
+
+
+async def direct(
+    config: ServerConfig,
+    items: int,
+    concurrency: int,
+    sessions: int,
+    call: Callable[[int], tuple[str, dict[str, Any]]] = echo_call,
+) -> float:
     """Persistent sessions, ``concurrency`` calls in flight: the ceiling. Over HTTP each session
     gets the HTTP client settings workers use, so both sides pay the same per request."""
     http = [http_client_for(config) if config.transport == "http" else None for _ in range(sessions)]
@@ -47,7 +57,7 @@ async def direct(config: ServerConfig, items: int, concurrency: int, sessions: i
 
         async def one(i: int) -> None:
             async with semaphore:
-                result = await entered[i % sessions].call_tool("echo", {"text": f"item {i}"})
+                result = await entered[i % sessions].call_tool(*call(i))
                 assert not result.is_error
 
         started = time.perf_counter()
