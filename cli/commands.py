@@ -15,6 +15,7 @@ from rich.console import Console
 
 from cli import display
 from shared import events
+from shared.doctor import Diagnosis, diagnose
 from shared.embedded import redis_url
 from shared.errors import ConfigError, JobSpecError
 from shared.jobs import Submitted, cancel_job, read_items_file, resolve_items, submit_job
@@ -78,6 +79,17 @@ def submit(
         async with open_store(settings) as store:
             enqueuer = CeleryEnqueuer(create_app(settings), store.keys)
             return await submit_job(spec, settings, store, enqueuer)
+
+    return asyncio.run(go())
+
+
+def doctor(settings: Settings, job_id: str | None) -> Diagnosis:
+    async def go() -> Diagnosis:
+        from workers.app import CeleryEnqueuer, create_app
+
+        async with open_store(settings) as store:
+            enqueuer = CeleryEnqueuer(create_app(settings), store.keys)
+            return await diagnose(store, enqueuer, settings, job_id)
 
     return asyncio.run(go())
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -10,6 +10,9 @@ from rich.table import Table
 
 from shared.models import JobStatus
 from shared.settings import Settings
+
+if TYPE_CHECKING:  # the doctor's models import the whole engine: not for every command's start-up
+    from shared.doctor import ChunkCount, Diagnosis, JobDiagnosis
 
 
 def job_progress(console: Console) -> Progress:
@@ -38,6 +41,8 @@ def print_status(console: Console, job: JobStatus) -> None:
     for name in ("state", "total", "succeeded", "failed", "cancelled", "running", "pending"):
         table.add_row(name, str(getattr(job, name)))
     table.add_row("servers", ", ".join(job.servers))
+    if job.restored_items:
+        table.add_row("restored_items", str(job.restored_items))
     console.print(table)
 
 
@@ -85,3 +90,48 @@ def probe_text(probe: dict[str, Any] | None) -> str:
     if probe["ok"]:
         return f"[green]ok[/green] {probe['latency_ms']:.0f} ms, {probe['tool_count']} tools"
     return f"[red]down[/red]: {probe['error']}"
+
+
+def _count(count: ChunkCount) -> str:
+    return f"{count.chunks} chunks, {count.items} items"
+
+
+def print_diagnosis(console: Console, diagnosis: Diagnosis) -> None:
+    if not diagnosis.jobs:
+        console.print("no running jobs")
+    for job in diagnosis.jobs:
+        print_job_diagnosis(console, job)
+    console.print(f"{len(diagnosis.workers)} live workers")
+    for worker in diagnosis.workers:
+        beat = "?" if worker.last_heartbeat_s is None else f"{worker.last_heartbeat_s:.1f} s ago"
+        console.print(f"  {worker.worker}  last heartbeat {beat}", highlight=False)
+
+
+def print_job_diagnosis(console: Console, job: JobDiagnosis) -> None:
+    console.print(
+        f"[bold]job {job.job_id}[/bold] {job.state}: {job.settled} of {job.total} settled, "
+        f"{job.unsettled} unsettled",
+        highlight=False,
+    )
+    if job.state not in ("finished", "cancelled"):
+        broker = "" if job.broker_readable else " (the broker cannot be read: queued means recorded)"
+        rows = [
+            ("queued", _count(job.queued) + broker),
+            ("delivered", _count(job.delivered)),
+            ("backlog", _count(job.backlog)),
+            ("leases", ", ".join(f"{w}: {n}" for w, n in job.leases.items()) or "none"),
+            ("expired leases", str(job.expired_leases)),
+            ("waiting on needs", str(job.waiting_on_needs)),
+            (
+                "uncovered",
+                f"{_count(job.uncovered)}"
+                + (f" for {job.uncovered.for_s:.0f} s" if job.uncovered.items else ""),
+            ),
+            ("restored items", str(job.restored_items)),
+        ]
+        for server in job.servers:
+            health = "healthy" if server.healthy else f"unhealthy: {server.error}"
+            rows.append((f"server {server.server}", f"{health}; {server.leased_items} items leased"))
+        for name, value in rows:
+            console.print(f"  {name:<17} {value}", highlight=False)
+    console.print(f"  [bold]why:[/bold] {job.why}", highlight=False)

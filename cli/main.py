@@ -140,6 +140,24 @@ def status(job_id: str, as_json: JsonFlag = False) -> None:
 
 
 @app.command()
+def doctor(
+    job_id: Annotated[
+        str | None, typer.Argument(help="The job to look at (default: every running job).")
+    ] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Why a job is not finished: what covers its unsettled items, what does not, the live workers."""
+    from cli import commands
+
+    with _errors_as_one_line():
+        diagnosis = commands.doctor(settings(), job_id)
+        if as_json:
+            print(diagnosis.model_dump_json())
+        else:
+            display.print_diagnosis(console, diagnosis)
+
+
+@app.command()
 def watch(job_id: str) -> None:
     """Show a progress bar until the job finishes."""
     from cli import commands

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections import defaultdict
@@ -23,6 +24,7 @@ from tenacity import (
 
 from shared.batching import Coalescer
 from shared.errors import (
+    RedisUnavailable,
     RetriesExhausted,
     RetryableToolError,
     ServerUnavailable,
@@ -39,12 +41,17 @@ from shared.probes import Breaker
 from shared.settings import RetryPolicy, Settings, StateSettings
 from shared.store import Claim, CommitOutcome, JobStore, Settlement, now_ms
 
+log = logging.getLogger(__name__)
+
 UNKNOWN_TOOL_PREFIX = "Unknown tool:"
 MAX_HELD_ATTEMPTS = 50  # calls that found the server unreachable and were not counted, per item
 COMMIT_RETRY_S = 60.0
 # A commit waits this long for company: under load one script call then carries a dozen results
 # instead of one or two. The call slot is already free by then, so only the chunk's end waits.
 BATCH_LINGER_S = 0.025
+REDIS_ERRORS = (RedisUnavailable, RedisConnectionError, RedisTimeoutError)
+# A chunk whose claim or feed met an unreachable Redis tries again this often, holding its message.
+REDIS_RETRY_S = 2.0
 
 
 def retrying(policy: RetryPolicy, stop: Callable[[RetryCallState], bool] | None = None) -> AsyncRetrying:
@@ -140,6 +147,45 @@ class Draining(Exception):
 WAITING, CALLING, RELEASED = "waiting", "calling", "released"
 
 
+class IsolationGate:
+    """Chunks share the worker process, except an isolated one: it waits until the chunks running
+    here have finished, keeps new ones from starting meanwhile, and runs with nothing beside it."""
+
+    def __init__(self) -> None:
+        self._changed = asyncio.Condition()
+        self._sharing = 0
+        self._alone = False
+        self._waiting_alone = 0
+
+    @asynccontextmanager
+    async def shared(self) -> AsyncIterator[None]:
+        async with self._changed:
+            await self._changed.wait_for(lambda: not self._alone and not self._waiting_alone)
+            self._sharing += 1
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self._sharing -= 1
+                self._changed.notify_all()
+
+    @asynccontextmanager
+    async def alone(self) -> AsyncIterator[None]:
+        async with self._changed:
+            self._waiting_alone += 1
+            try:
+                await self._changed.wait_for(lambda: not self._alone and not self._sharing)
+            finally:
+                self._waiting_alone -= 1
+            self._alone = True
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self._alone = False
+                self._changed.notify_all()
+
+
 @dataclass
 class ExecutionContext:
     """What a worker process hands the executor: its store, its MCP pool, its committer, and the
@@ -162,6 +208,7 @@ class ExecutionContext:
     started_calls: dict[str, tuple[str, int, int]] = field(default_factory=dict)
     # Broker delivery tags of the chunk messages running here, held by the heartbeat.
     deliveries: set[str] = field(default_factory=set)
+    isolation: IsolationGate = field(default_factory=IsolationGate)
 
     def limit(self, server: str) -> LocalSlots:
         slots = self.limits.get(server)
@@ -304,22 +351,26 @@ async def run_item(
 
 
 async def execute_chunk(ctx: ExecutionContext, chunk: Chunk) -> ChunkReport:
-    """Lease the chunk's unsettled items and run them concurrently; return what happened."""
-    if ctx.draining:
+    """Lease the chunk's unsettled items and run them concurrently; return what happened. An
+    isolated chunk runs alone in this process (see IsolationGate)."""
+    async with ctx.isolation.alone() if chunk.isolated else ctx.isolation.shared():
         claims: Sequence[Claim] = []
-    else:
-        claims = await ctx.store.claim(chunk.job_id, chunk.items, ctx.worker_id, ctx.settings.worker.lease_s)
-    policy = await ctx.job_retry(chunk.job_id) if claims else None
-    tasks = []
-    for claim in claims:
-        member = item_id(chunk.job_id, claim.index)
-        ctx.held[member] = WAITING
-        task = asyncio.create_task(run_item(ctx, chunk.job_id, claim, policy, chunk.urgent))
-        ctx.item_tasks[member] = task
-        tasks.append(task)
-    outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        if not ctx.draining:
+            claims = await ctx.store.claim(
+                chunk.job_id, chunk.items, ctx.worker_id, ctx.settings.worker.lease_s, chunk.isolated
+            )
+        policy = await ctx.job_retry(chunk.job_id) if claims else None
+        tasks = []
+        for claim in claims:
+            member = item_id(chunk.job_id, claim.index)
+            ctx.held[member] = WAITING
+            task = asyncio.create_task(run_item(ctx, chunk.job_id, claim, policy, chunk.urgent))
+            ctx.item_tasks[member] = task
+            tasks.append(task)
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
     if ctx.enqueuer is not None:
-        await feed_next(ctx.store, ctx.enqueuer, chunk.job_id)
+        # Every claimed item is settled or leased now: the chunk's record is no longer needed.
+        await feed_next(ctx.store, ctx.enqueuer, chunk.job_id, finished_chunk=chunk.id)
     finished = [o for o in outcomes if isinstance(o, tuple)]
     committed = [record for record, landed in finished if landed]
     return ChunkReport(
@@ -333,6 +384,28 @@ async def execute_chunk(ctx: ExecutionContext, chunk: Chunk) -> ChunkReport:
         succeeded=sum(1 for r in committed if r.status == "succeeded"),
         failed=sum(1 for r in committed if r.status == "failed"),
     )
+
+
+async def execute_chunk_through_outages(ctx: ExecutionContext, chunk: Chunk) -> ChunkReport:
+    """Run the chunk, and while Redis cannot be reached, wait and run it again: its message stays
+    unacknowledged here meanwhile. Handing it back to the broker instead (Celery's retry) needs the
+    broker too, and when both are down the republish fails and the message is acknowledged as a
+    failed task: its items were covered by nothing. Running again is safe: claims skip items that
+    are settled or leased."""
+    while True:
+        try:
+            return await execute_chunk(ctx, chunk)
+        except REDIS_ERRORS as exc:
+            if ctx.draining:
+                raise
+            log.warning(
+                "chunk %s of job %s: Redis unavailable (%s); holding it and trying again in %.0f s",
+                chunk.id,
+                chunk.job_id,
+                exc,
+                REDIS_RETRY_S,
+            )
+            await asyncio.sleep(REDIS_RETRY_S)
 
 
 async def drain(ctx: ExecutionContext, grace_s: float) -> None:

@@ -41,6 +41,22 @@ class Enqueuer(Protocol):
         that are still unacknowledged and not in ``live`` (so their worker died before claiming
         their items); return how many."""
 
+    def chunks_in_broker(self, servers: Iterable[str]) -> BrokerView | None:
+        """The ids of the chunks whose messages the broker holds for these servers, queued or
+        delivered and unacknowledged; None when the broker cannot be read that way."""
+
+
+@dataclass(frozen=True)
+class BrokerView:
+    """Chunk ids (Celery task ids) of the messages a broker holds: waiting in a queue, or delivered
+    to a consumer and not yet acknowledged."""
+
+    queued: frozenset[str]
+    delivered: frozenset[str]
+
+    def holds(self, chunk_id: str) -> bool:
+        return chunk_id in self.queued or chunk_id in self.delivered
+
 
 @dataclass(frozen=True)
 class Submitted:
@@ -176,7 +192,7 @@ async def submit_job(spec: JobSpec, settings: Settings, store: JobStore, enqueue
         chunks = plan_chunks(job_id, items, spec.chunk_size or settings.worker.chunk_size)
         window = await job_window(store, settings)
         await store.push_backlog(job_id, chunks[window:])
-        await asyncio.to_thread(enqueuer.enqueue, chunks[:window])
+        await send_chunks(store, enqueuer, chunks[:window])
     except BaseException:
         # Leave nothing half-made behind: no job without its chunks, no key bound to a lost job.
         await store.discard_job(job_id, spec.idempotency_key)
@@ -192,12 +208,23 @@ async def job_window(store: JobStore, settings: Settings) -> int:
     return max(settings.worker.job_window_chunks, 2 * threads)
 
 
-async def feed_next(store: JobStore, enqueuer: Enqueuer, job_id: str) -> bool:
-    """Enqueue the next chunk of the job's backlog (after one of its chunks finished)."""
-    head = await store.backlog_head(job_id)
+async def send_chunks(store: JobStore, enqueuer: Enqueuer, chunks: Sequence[Chunk]) -> None:
+    """Record the chunks as outstanding, then put them on their queues: a chunk the broker holds is
+    always one the coverage sweep knows of (a record without its message is what it looks for)."""
+    if chunks:
+        await store.record_chunks(chunks)
+        await asyncio.to_thread(enqueuer.enqueue, chunks)
+
+
+async def feed_next(
+    store: JobStore, enqueuer: Enqueuer, job_id: str, finished_chunk: str | None = None
+) -> bool:
+    """Enqueue the next chunk of the job's backlog (after one of its chunks, ``finished_chunk``,
+    finished: its record is dropped on the way)."""
+    head = await store.backlog_head(job_id, finished_chunk)
     if head is None:
         return False
-    await asyncio.to_thread(enqueuer.enqueue, [Chunk.model_validate_json(head)])
+    await send_chunks(store, enqueuer, [Chunk.model_validate_json(head)])
     await store.pop_backlog_head(job_id, head)
     return True
 

@@ -24,6 +24,8 @@ class JobKeys:
     lost: str  # hash: index -> how many times the item's lease expired mid-call (poison detection)
     calling: str  # hash: index -> epoch under which the item's call started
     backlog: str  # list: chunks (JSON) not yet enqueued; fed one per finished chunk (fairness)
+    chunks: str  # hash: chunk id -> chunk (JSON), for every chunk sent to the broker and not finished
+    uncovered: str  # hash: chunk id (or "*" for the whole job) -> ms since the sweep found it uncovered
 
     def all(self) -> list[str]:
         """Every key of the job (the pub/sub channel is not a key)."""
@@ -52,12 +54,19 @@ class Keys:
             lost=f"{base}:lost",
             calling=f"{base}:calling",
             backlog=f"{base}:backlog",
+            chunks=f"{base}:chunks",
+            uncovered=f"{base}:uncovered",
         )
 
     @property
     def jobs(self) -> str:
         """Sorted set of job ids by creation time (ms)."""
         return f"{self.prefix}jobs"
+
+    @property
+    def active(self) -> str:
+        """Set of jobs not yet finished or cancelled: the ones the coverage sweep looks at."""
+        return f"{self.prefix}active"
 
     @property
     def events(self) -> str:
@@ -106,6 +115,11 @@ class Keys:
     @property
     def reaper_lock(self) -> str:
         return f"{self.prefix}reaper:lock"
+
+    @property
+    def sweep_due(self) -> str:
+        """Present (with expiry) while the coverage sweep is not due: it runs once per interval."""
+        return f"{self.prefix}sweep:after"
 
     def idempotency(self, key: str) -> str:
         return f"{self.prefix}idem:{key}"

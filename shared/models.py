@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -88,6 +89,8 @@ class JobStatus(BaseModel):
     finished_at_ms: int | None = None
     servers: list[str] = Field(default_factory=list)
     state_mode: StateMode = "cas"
+    # Items the coverage sweep found covered by nothing (no queued chunk, backlog or lease) and ran again.
+    restored_items: int = 0
 
     @property
     def settled(self) -> int:
@@ -98,14 +101,27 @@ class JobStatus(BaseModel):
         return self.state in ("finished", "cancelled")
 
 
+def new_chunk_id() -> str:
+    return uuid.uuid4().hex
+
+
 class Chunk(BaseModel):
-    """What one Celery message carries: a job, a server, and item indexes."""
+    """What one Celery message carries: a job, a server, and item indexes. ``id`` is the Celery task
+    id of its message, and names the job's record of it while it is outstanding (see coverage.py)."""
 
     job_id: str
     server: str
     items: list[int] = Field(min_length=1)
+    id: str = Field(default_factory=new_chunk_id)
     # Taken back from a worker that died: ahead of new work in the queue and in the worker.
     urgent: bool = False
+    # One item that lost its lease too often, run with nothing else in flight on its worker process:
+    # only a loss of this run makes it poison (see reaper.py).
+    isolated: bool = False
+
+    def task_kwargs(self) -> dict[str, Any]:
+        """The Celery task's kwargs: flags only when set, so a normal message stays small."""
+        return self.model_dump(exclude={"id"}, exclude_defaults=True)
 
 
 class ChunkReport(BaseModel):

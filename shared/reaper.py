@@ -2,8 +2,15 @@
 
 Every worker runs :func:`reap_once` on a timer; a lock with expiry lets one of them at a time
 do the work. An expired item gets a new epoch (so its old holder's late commit is refused) and
-goes back on its server's queue ahead of new work. An item that has lost its lease
-``max_lease_losses`` times (it keeps killing or stalling workers) is settled as failed instead.
+goes back on its server's queue ahead of new work.
+
+Poison is decided by isolation, not by counting alone. A worker killed from outside takes every
+item in flight with it, so an item that has lost its lease ``max_lease_losses`` times (with its
+call started; or three times that many in all) may only have been near the guilty one. It is run
+once more *isolated*: alone in a worker process (see ``IsolationGate``). Only when that run's lease
+is lost too, after its call started, is it settled as ``poison``.
+
+The same pass runs the coverage sweep (coverage.py) every quarter of ``stranded_after_s``.
 """
 
 from __future__ import annotations
@@ -13,12 +20,14 @@ import uuid
 from collections import defaultdict
 from dataclasses import dataclass
 
-from shared.jobs import Enqueuer, feed_next
+from shared.coverage import sweep
+from shared.jobs import Enqueuer, feed_next, send_chunks
 from shared.models import Chunk, ItemError, ResultRecord, item_id
 from shared.settings import Settings
-from shared.store import JobStore, Settlement, now_ms
+from shared.store import ISOLATED_CALL_LOST, ISOLATED_LOST_EARLY, JobStore, LostLease, Settlement, now_ms
 
-POISON = "poison"
+POISON, ISOLATE, REQUEUE = "poison", "isolate", "requeue"
+SWEEPS_PER_STRANDED_AFTER = 4
 STALLED_BACKLOG_MS = 3_000
 UNMARKED_LOSS_FACTOR = 3
 
@@ -29,14 +38,16 @@ class ReapReport:
     requeued: int = 0
     poisoned: int = 0
     restored: int = 0  # chunk messages a dead worker took and never claimed, put back on the queue
+    isolated: int = 0  # suspect items sent to run alone
+    swept: int = 0  # items the coverage sweep found covered by nothing and enqueued again
 
 
 def poison_record(
     job_id: str, index: int, tool: str, server: str, key: str | None, losses: int
 ) -> ResultRecord:
     message = (
-        f"gave up after its lease was lost {losses} times: each worker running it died or stalled "
-        "(a call that crashes or hangs workers)"
+        f"gave up after its lease was lost {losses} times, the last time while it ran alone on its "
+        "worker: each worker running it died or stalled (a call that crashes or hangs workers)"
     )
     return ResultRecord(
         item_id=item_id(job_id, index),
@@ -52,32 +63,49 @@ def poison_record(
     )
 
 
+def verdict(lost: LostLease, budget: int) -> str:
+    """What to do with an item taken back: "poison", "isolate" or "requeue" (see the module's text).
+    A call that kills its worker before the next heartbeat records it as started is counted only
+    among all losses: a wider budget, so bystanders are rarely suspected."""
+    unmarked_over = lost.any_losses >= UNMARKED_LOSS_FACTOR * budget
+    if lost.isolated == ISOLATED_CALL_LOST or (lost.isolated == ISOLATED_LOST_EARLY and unmarked_over):
+        return POISON
+    if lost.losses >= budget or unmarked_over:
+        return ISOLATE
+    return REQUEUE
+
+
 async def reap_once(store: JobStore, enqueuer: Enqueuer, settings: Settings, worker_id: str) -> ReapReport:
     token = f"{worker_id}:{uuid.uuid4().hex[:8]}"
     lock = store.keys.reaper_lock
     if not await store.try_lock(lock, token, ttl_s=max(5.0, settings.worker.reaper_interval_s * 5)):
         return ReapReport(locked=False)
-    requeued = poisoned = 0
+    requeued = poisoned = isolated = swept = 0
     try:
         for job_id, indexes in (await store.expired_leases()).items():
             taken = await store.take_back(job_id, indexes)
             if not taken:
                 continue
-            specs = await store.item_specs(job_id, [index for index, _, _ in taken])
+            specs = await store.item_specs(job_id, [lost.index for lost in taken])
             poison: list[Settlement] = []
             again: dict[str, list[int]] = defaultdict(list)
-            budget = settings.worker.max_lease_losses
-            for index, losses, any_losses in taken:
-                spec = specs[index]
+            alone: list[Chunk] = []
+            for lost in taken:
+                spec = specs[lost.index]
                 server = spec.server or ""
-                # A call that kills its worker before the next heartbeat marks it as started is
-                # only counted among all losses: a wider budget, so bystanders are rarely blamed.
-                if losses >= budget or any_losses >= UNMARKED_LOSS_FACTOR * budget:
-                    losses = max(losses, any_losses)
-                    record = poison_record(job_id, index, spec.tool, server, spec.key, losses)
-                    poison.append(Settlement(record=record, epoch=0))
-                else:
-                    again[server].append(index)
+                match verdict(lost, settings.worker.max_lease_losses):
+                    case "poison":
+                        losses = max(lost.losses, lost.any_losses)
+                        record = poison_record(job_id, lost.index, spec.tool, server, spec.key, losses)
+                        poison.append(Settlement(record=record, epoch=0))
+                    case "isolate":
+                        alone.append(
+                            Chunk(
+                                job_id=job_id, server=server, items=[lost.index], urgent=True, isolated=True
+                            )
+                        )
+                    case _:
+                        again[server].append(lost.index)
             if poison:
                 poisoned += (await store.commit(job_id, poison, force=True)).committed
             size = settings.worker.chunk_size
@@ -86,9 +114,10 @@ async def reap_once(store: JobStore, enqueuer: Enqueuer, settings: Settings, wor
                 for server, items in again.items()
                 for start in range(0, len(items), size)
             ]
-            if chunks:
-                await asyncio.to_thread(enqueuer.enqueue, chunks)
-                requeued += sum(len(c.items) for c in chunks)
+            await store.mark_suspects(job_id, [c.items[0] for c in alone])
+            await send_chunks(store, enqueuer, [*chunks, *alone])
+            requeued += sum(len(c.items) for c in chunks) + len(alone)
+            isolated += len(alone)
         await store.requeued()  # only now: a reaper that dies before this point is redone next pass
         for job_id in await store.stalled_backlogs(idle_ms=STALLED_BACKLOG_MS):
             await feed_next(store, enqueuer, job_id)
@@ -96,6 +125,11 @@ async def reap_once(store: JobStore, enqueuer: Enqueuer, settings: Settings, wor
         # expire: without this the message waits for the broker's visibility timeout.
         live = await store.live_deliveries()
         restored = await asyncio.to_thread(enqueuer.restore_orphans, settings.worker.lease_s, live)
+        every_s = settings.worker.stranded_after_s / SWEEPS_PER_STRANDED_AFTER
+        if await store.try_lock(store.keys.sweep_due, token, ttl_s=every_s):
+            swept = await sweep(store, enqueuer, settings)
     finally:
         await store.unlock(lock, token)
-    return ReapReport(locked=True, requeued=requeued, poisoned=poisoned, restored=restored)
+    return ReapReport(
+        locked=True, requeued=requeued, poisoned=poisoned, restored=restored, isolated=isolated, swept=swept
+    )

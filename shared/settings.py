@@ -87,6 +87,9 @@ class WorkerSettings(_Strict):
     heartbeat_s: float = Field(default=1.0, gt=0)
     reaper_interval_s: float = Field(default=1.0, gt=0)
     max_lease_losses: int = Field(default=3, ge=1)
+    # Coverage sweep: an unsettled item that no queued chunk, backlog entry or lease has covered
+    # for this long is enqueued again (urgent).
+    stranded_after_s: float = Field(default=10.0, gt=0)
     shutdown_grace_s: float = Field(default=10.0, ge=0)
     # Broker backstop only (leases do the fast takeover): an unacked message is redelivered after
     # this. Keep it above the longest chunk; an early redelivery is harmless (claims skip live

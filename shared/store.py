@@ -23,6 +23,7 @@ from shared.models import Chunk, ItemSpec, JobState, JobStatus, ResultRecord, St
 from shared.settings import RetryPolicy
 
 WRITE_BATCH = 1000
+ISOLATED_CALL_LOST, ISOLATED_LOST_EARLY = 1, 2
 
 
 def now_ms() -> int:
@@ -66,6 +67,18 @@ class Settlement:
 
     record: ResultRecord
     epoch: int
+
+
+@dataclass(frozen=True)
+class LostLease:
+    """An item the reaper took back: its losses with the call started, all its losses, and whether
+    the lost run was its isolated one (``ISOLATED_CALL_LOST``: after its call started;
+    ``ISOLATED_LOST_EARLY``: before the heartbeat recorded the call)."""
+
+    index: int
+    losses: int
+    any_losses: int
+    isolated: int
 
 
 @dataclass(frozen=True)
@@ -138,14 +151,16 @@ class JobStore:
             pipe.xadd(jk.events, submitted)
             pipe.xadd(self.keys.events, submitted, maxlen=self.global_events_maxlen, approximate=True)
             pipe.zadd(self.keys.jobs, {job_id: created})
+            pipe.sadd(self.keys.active, job_id)
             await pipe.execute()
 
     # --- worker side -------------------------------------------------------------------------
 
     async def claim(
-        self, job_id: str, indexes: Sequence[int], worker: str, lease_s: float = 5.0
+        self, job_id: str, indexes: Sequence[int], worker: str, lease_s: float = 5.0, isolated: bool = False
     ) -> list[Claim]:
-        """Lease the unsettled, unleased items among ``indexes`` to ``worker`` under new epochs."""
+        """Lease the unsettled, unleased items among ``indexes`` to ``worker`` under new epochs
+        (``isolated``: the run that decides whether a suspect item is poison)."""
         jk = self.keys.job(job_id)
         reply = await self._claim(
             keys=[
@@ -157,8 +172,9 @@ class JobStore:
                 jk.events,
                 self.keys.events,
                 self.keys.leases,
+                jk.lost,
             ],
-            args=[worker, self.global_events_maxlen, int(lease_s * 1000), *indexes],
+            args=[worker, self.global_events_maxlen, int(lease_s * 1000), "1" if isolated else "0", *indexes],
         )
         if reply == [-1]:
             raise JobNotFound(f"job {job_id} does not exist")
@@ -198,6 +214,7 @@ class JobStore:
             self.keys.events,
             jk.notify,
             self.keys.leases,
+            self.keys.active,
         ]
 
     # --- leases ------------------------------------------------------------------------------
@@ -249,15 +266,33 @@ class JobStore:
             by_job.setdefault(job_id, []).append(int(index))
         return by_job
 
-    async def take_back(self, job_id: str, indexes: Sequence[int]) -> list[tuple[int, int, int]]:
-        """Fence and free expired items of one job; returns (index, losses with the call
-        started, all losses) of the items to run again."""
+    async def take_back(self, job_id: str, indexes: Sequence[int]) -> list[LostLease]:
+        """Fence and free expired items of one job; returns the items to run again."""
         jk = self.keys.job(job_id)
         reply = await self._expire(
             keys=[jk.meta, jk.results, jk.epochs, jk.running, self.keys.leases, jk.lost, jk.calling],
             args=[job_id, now_ms(), *indexes],
         )
-        return [(int(reply[i]), int(reply[i + 1]), int(reply[i + 2])) for i in range(0, len(reply), 3)]
+        return [
+            LostLease(
+                index=int(reply[i]),
+                losses=int(reply[i + 1]),
+                any_losses=int(reply[i + 2]),
+                isolated=int(reply[i + 3]),
+            )
+            for i in range(0, len(reply), 4)
+        ]
+
+    async def mark_suspects(self, job_id: str, indexes: Sequence[int]) -> None:
+        """From now on these items run only isolated (see claim.lua)."""
+        if indexes:
+            await self.client.hset(
+                self.keys.job(job_id).lost, mapping={f"{index}:suspect": 1 for index in indexes}
+            )
+
+    async def suspects(self, job_id: str, indexes: Sequence[int]) -> set[int]:
+        flags = await self.client.hmget(self.keys.job(job_id).lost, [f"{i}:suspect" for i in indexes])
+        return {index for index, flag in zip(indexes, flags, strict=True) if flag}
 
     async def requeued(self) -> None:
         """Drop the lease entries of items taken back (score 1) once they are requeued."""
@@ -318,6 +353,7 @@ class JobStore:
             finished_at_ms=finished_at,
             servers=[s for s in meta.get("servers", "").split(",") if s],
             state_mode=mode,
+            restored_items=int(meta.get("restored_items", 0)),
         )
 
     async def results(self, job_id: str, batch: int = WRITE_BATCH) -> AsyncIterator[ResultRecord]:
@@ -379,8 +415,28 @@ class JobStore:
                 backlog, *(c.model_dump_json() for c in chunks[start : start + WRITE_BATCH])
             )
 
-    async def backlog_head(self, job_id: str) -> str | None:
-        head: str | None = await self.client.lindex(self.keys.job(job_id).backlog, 0)
+    async def record_chunks(self, chunks: Sequence[Chunk]) -> None:
+        """Note chunks as outstanding before they reach the broker (what the coverage sweep checks)."""
+        by_job: dict[str, dict[str, str]] = {}
+        for chunk in chunks:
+            by_job.setdefault(chunk.job_id, {})[chunk.id] = chunk.model_dump_json(exclude_defaults=True)
+        async with self.client.pipeline(transaction=False) as pipe:
+            for job_id, records in by_job.items():
+                pipe.hset(self.keys.job(job_id).chunks, mapping=records)
+            await pipe.execute()
+
+    async def backlog_head(self, job_id: str, finished_chunk: str | None = None) -> str | None:
+        """The next chunk of the job's backlog; in the same round trip, drop the record of the chunk
+        that just finished (its items are settled or leased now)."""
+        jk = self.keys.job(job_id)
+        if finished_chunk is None:
+            head: str | None = await self.client.lindex(jk.backlog, 0)
+            return head
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.hdel(jk.chunks, finished_chunk)
+            pipe.hdel(jk.uncovered, finished_chunk)
+            pipe.lindex(jk.backlog, 0)
+            *_, head = await pipe.execute()
         return head
 
     async def pop_backlog_head(self, job_id: str, head: str) -> bool:

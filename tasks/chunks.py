@@ -5,25 +5,33 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Task, shared_task
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from celery.exceptions import Reject
 
-from shared.errors import RedisUnavailable
+from shared.executor import REDIS_ERRORS
 from shared.models import Chunk
 from workers.app import RUN_CHUNK, runtime_of
 
-REDIS_RETRY_COUNTDOWN_S = 2
-REDIS_MAX_RETRIES = 30
-
 
 @shared_task(name=RUN_CHUNK, bind=True, acks_late=True)
-def run_chunk(self: Task, job_id: str, server: str, items: list[int], urgent: bool = False) -> dict[str, Any]:
-    """Run one chunk of a job's items on this worker's event loop."""
+def run_chunk(
+    self: Task,
+    job_id: str,
+    server: str,
+    items: list[int],
+    urgent: bool = False,
+    isolated: bool = False,
+) -> dict[str, Any]:
+    """Run one chunk of a job's items on this worker's event loop (the task id is the chunk id).
+
+    While Redis is unreachable the runtime holds the message and tries again; only a worker that
+    is shutting down hands it back to its queue."""
     runtime = runtime_of(self.app)
-    chunk = Chunk(job_id=job_id, server=server, items=items, urgent=urgent)
+    chunk = Chunk(
+        job_id=job_id, server=server, items=items, urgent=urgent, isolated=isolated, id=self.request.id
+    )
     delivery_tag = (self.request.properties or {}).get("delivery_tag")
     try:
         report = runtime.run_chunk(chunk, delivery_tag)
-    except (RedisUnavailable, RedisConnectionError, RedisTimeoutError) as exc:
-        raise self.retry(exc=exc, countdown=REDIS_RETRY_COUNTDOWN_S, max_retries=REDIS_MAX_RETRIES) from exc
+    except REDIS_ERRORS as exc:
+        raise Reject(exc, requeue=True) from exc
     return report.model_dump()

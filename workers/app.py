@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from celery import Celery
@@ -19,6 +20,7 @@ from celery.signals import (
 
 import celeryconfig
 from shared.errors import RedisUnavailable
+from shared.jobs import BrokerView
 from shared.keys import Keys
 from shared.models import Chunk
 from shared.settings import Settings, load_settings
@@ -124,13 +126,34 @@ class CeleryEnqueuer:
                     restored += 1
         return restored
 
+    def chunks_in_broker(self, servers: Iterable[str]) -> BrokerView | None:
+        """Task ids (chunk ids) of the messages queued for these servers or delivered and unacked,
+        read from kombu's Redis transport: its queue lists (one per priority step) and its unacked
+        hash. A message between a consumer's pop and its unacked record is briefly in neither,
+        which is why the sweep waits ``stranded_after_s`` before it believes a chunk is gone."""
+        with self.app.pool.acquire(block=True) as connection:
+            channel = connection.default_channel
+            client, qos = channel.client, channel.qos
+            if not hasattr(qos, "unacked_key"):  # not kombu's Redis transport: it cannot be read
+                return None
+            with client.pipeline(transaction=False) as pipe:
+                for server in servers:
+                    for priority in channel.priority_steps:
+                        pipe.lrange(channel._q_for_pri(self.keys.queue(server), priority), 0, -1)
+                pipe.hvals(qos.unacked_key)
+                *queued, unacked = pipe.execute()
+        return BrokerView(
+            queued=frozenset(json.loads(raw)["headers"]["id"] for messages in queued for raw in messages),
+            delivered=frozenset(json.loads(raw)[0]["headers"]["id"] for raw in unacked),
+        )
+
     def enqueue(self, chunks: Sequence[Chunk]) -> None:
         with self.app.producer_or_acquire() as producer:
             for chunk in chunks:
                 self.app.send_task(
                     RUN_CHUNK,
-                    # Only urgent chunks carry the flag: a normal message stays as small as before.
-                    kwargs=chunk.model_dump(exclude_defaults=True),
+                    kwargs=chunk.task_kwargs(),
+                    task_id=chunk.id,
                     queue=self.keys.queue(chunk.server),
                     producer=producer,
                     # On the Redis transport a lower priority number is served first.

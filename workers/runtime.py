@@ -19,7 +19,7 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 from shared.embedded import redis_url
-from shared.executor import BatchCommitter, ExecutionContext, drain, execute_chunk
+from shared.executor import BatchCommitter, ExecutionContext, drain, execute_chunk_through_outages
 from shared.jobs import Enqueuer
 from shared.keys import Keys
 from shared.limiter import ClusterLimiter
@@ -77,7 +77,7 @@ class WorkerRuntime:
         if delivery_tag:
             ctx.deliveries.add(delivery_tag)
         try:
-            return self.run(execute_chunk(ctx, chunk))
+            return self.run(execute_chunk_through_outages(ctx, chunk))
         finally:
             ctx.deliveries.discard(delivery_tag or "")
 
@@ -117,7 +117,7 @@ class WorkerRuntime:
         in one round trip."""
         ctx = self.context
         key = ctx.store.keys.worker(self.worker_id)
-        record = json.dumps({"worker": self.worker_id, "pid": self.pid, "started_at": time.time()})
+        started_at = time.time()
         parent = os.environ.get(PARENT_PID_ENV)
         worker = self.settings.worker
         while True:
@@ -132,7 +132,15 @@ class WorkerRuntime:
                 await ctx.store.hold_deliveries(list(ctx.deliveries), worker.lease_s)
                 if ctx.limiter is not None:
                     await ctx.limiter.renew()
-                await ctx.store.client.set(key, record, ex=max(HEARTBEAT_TTL_S, int(worker.lease_s * 2)))
+                record = {
+                    "worker": self.worker_id,
+                    "pid": self.pid,
+                    "started_at": started_at,
+                    "beat_at": time.time(),
+                }
+                await ctx.store.client.set(
+                    key, json.dumps(record), ex=max(HEARTBEAT_TTL_S, int(worker.lease_s * 2))
+                )
             except Exception as exc:  # a heartbeat loop must outlive a Redis blip
                 log.warning("heartbeat failed: %s", exc)
             await asyncio.sleep(worker.heartbeat_s)
@@ -145,12 +153,15 @@ class WorkerRuntime:
                 continue
             try:
                 report = await reap_once(ctx.store, self.enqueuer, self.settings, self.worker_id)
-                if report.requeued or report.poisoned or report.restored:
+                if report.requeued or report.poisoned or report.restored or report.swept:
                     log.warning(
-                        "reaper: %d items taken back and requeued, %d poisoned, %d orphaned chunks restored",
+                        "reaper: %d items taken back and requeued (%d to run alone), %d poisoned, "
+                        "%d orphaned chunks restored, %d uncovered items enqueued again",
                         report.requeued,
+                        report.isolated,
                         report.poisoned,
                         report.restored,
+                        report.swept,
                     )
             except Exception as exc:  # the reaper must outlive a Redis blip
                 log.warning("reaper failed: %s", exc)

@@ -2,12 +2,16 @@
 -- Skips items that are settled, and items whose lease is still live, whoever holds it: a
 -- redelivered message (broker backstop) must never run an item twice or fence a live run. Each claim bumps the item's epoch; only a commit carrying
 -- the newest epoch lands, so a worker whose lease was taken over cannot write.
--- KEYS: meta, items, results, epochs, running, job_events, global_events, leases
--- ARGV: worker, global_maxlen, lease_ms, index...
+-- An item the reaper has marked a suspect ("INDEX:suspect" in lost) is claimed only by an
+-- isolated claim (the suspect run alone, see reaper.py): a redelivered old message must not run
+-- it among others again. An isolated claim records its epoch in lost as "INDEX:isolated", so that
+-- the loss of exactly this run is what makes the item poison.
+-- KEYS: meta, items, results, epochs, running, job_events, global_events, leases, lost
+-- ARGV: worker, global_maxlen, lease_ms, isolated ("1" or "0"), index...
 -- Returns a flat list {index, epoch, item_json, ...}; {-1} when the job does not exist.
 local meta, items, results, epochs, running = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local leases = KEYS[8]
-local worker, lease_ms = ARGV[1], tonumber(ARGV[3])
+local worker, lease_ms, isolated = ARGV[1], tonumber(ARGV[3]), ARGV[4] == '1'
 local state = redis.call('HGET', meta, 'state')
 if not state then
   return {-1}
@@ -28,10 +32,13 @@ if state == 'pending' then
   end
 end
 local claimed = {}
-for i = 4, #ARGV do
+for i = 5, #ARGV do
   local index = ARGV[i]
   local member = job_id .. ':' .. index
   local free = redis.call('HEXISTS', results, index) == 0
+  if free and not isolated and redis.call('HEXISTS', KEYS[9], index .. ':suspect') == 1 then
+    free = false
+  end
   if free then
     local expiry = tonumber(redis.call('ZSCORE', leases, member) or '0')
     if expiry > now_ms and redis.call('HEXISTS', running, index) == 1 then
@@ -44,6 +51,9 @@ for i = 4, #ARGV do
       local epoch = redis.call('HINCRBY', epochs, index, 1)
       redis.call('HSET', running, index, worker .. ' ' .. epoch .. ' ' .. now_ms)
       redis.call('ZADD', leases, now_ms + lease_ms, member)
+      if isolated then
+        redis.call('HSET', KEYS[9], index .. ':isolated', epoch)
+      end
       claimed[#claimed + 1] = index
       claimed[#claimed + 1] = epoch
       claimed[#claimed + 1] = spec

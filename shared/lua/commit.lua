@@ -4,7 +4,7 @@
 -- marked finished (or cancelled) and job.completed is appended, exactly once.
 -- State modes: 'cas' moves the counters of the job record (and its version) in place;
 -- 'log' only appends item.settled events, whose fold is the job view (see jobview.py).
--- KEYS: meta, results, epochs, running, job_events, global_events, notify_channel, leases
+-- KEYS: meta, results, epochs, running, job_events, global_events, notify_channel, leases, active_jobs
 -- ARGV: job_id, global_maxlen, force ("1" skips the epoch check), then per item:
 --       index, epoch, status, record_json
 -- Returns {committed, refused, job_finished (0|1), landed, unsnapshotted}; landed has one char
@@ -64,6 +64,7 @@ if committed > 0 then
   if redis.call('HLEN', results) >= total and m[2] ~= 'finished' and m[2] ~= 'cancelled' then
     local final = m[3] and 'cancelled' or 'finished'
     redis.call('HSET', meta, 'state', final, 'finished_at_ms', now_ms)
+    redis.call('SREM', KEYS[9], job_id)
     local fields = {'type', 'job.completed', 'job_id', job_id, 'state', final, 'total', m[1],
       'at_ms', now_ms}
     if not log_mode then

@@ -5,7 +5,9 @@
 -- (score 0, graceful shutdown) or already counted (score 1, taken back but not yet requeued).
 -- KEYS: meta, results, epochs, running, leases, lost, calling
 -- ARGV: job_id, now_ms, index...
--- Returns a flat list {index, losses with the call started, all losses, ...} of items to run again.
+-- Returns a flat list {index, losses with the call started, all losses, isolated, ...} of items to
+-- run again; isolated is 1 when the lost run was the item's isolated run (see claim.lua) and its
+-- call had started, 2 when it was lost before its call was recorded, else 0.
 local results, epochs, running, leases, lost, calling = KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local job_id, now_ms = ARGV[1], tonumber(ARGV[2])
 local taken = {}
@@ -22,6 +24,7 @@ for i = 3, #ARGV do
       redis.call('ZADD', leases, 1, member)
       local epoch = redis.call('HINCRBY', epochs, index, 1) - 1
       local was_calling = tonumber(redis.call('HGET', calling, index) or '-1') == epoch
+      local isolated = tonumber(redis.call('HGET', lost, index .. ':isolated') or '-1') == epoch
       redis.call('HDEL', running, index)
       local losses = tonumber(redis.call('HGET', lost, index) or '0')
       local any_losses = tonumber(redis.call('HGET', lost, index .. ':any') or '0')
@@ -34,6 +37,11 @@ for i = 3, #ARGV do
       taken[#taken + 1] = index
       taken[#taken + 1] = losses
       taken[#taken + 1] = any_losses
+      local isolated_loss = 0
+      if isolated and tonumber(expiry) > 1 then
+        isolated_loss = was_calling and 1 or 2
+      end
+      taken[#taken + 1] = isolated_loss
     end
   end
 end

@@ -212,7 +212,9 @@ def test_poison_item_fails_after_its_lease_budget(
             return alive[0]
         return None
 
-    for _ in range(2):  # the long item "kills" whichever worker runs it, once the others are done
+    # The long item "kills" whichever worker runs it, once the others are done: twice within its
+    # budget, then once more when it runs isolated (alone on its worker), which makes it poison.
+    for _ in range(3):
         killer = wait_until(running_only_the_poison, 60, "poison item running alone")
         killed.add(killer)
         os.kill(worker_pid(killer), signal.SIGKILL)
@@ -222,7 +224,48 @@ def test_poison_item_fails_after_its_lease_budget(
     assert status.failed == 1 and status.succeeded == 5, "innocent items are not blamed"
     poison = json.loads(cluster.cli("results", job_id, "--status", "failed").stdout)
     assert poison["index"] == 0 and poison["error"]["type"] == "poison"
-    assert "lease was lost 2 times" in poison["error"]["message"]
+    assert "lease was lost 3 times, the last time while it ran alone" in poison["error"]["message"]
+
+
+def test_bystanders_of_workers_killed_from_outside_are_isolated_not_poisoned(
+    redis_url: str, tmp_path: Path, stop_workers: list[Cluster]
+) -> None:
+    """Five items are in flight together on a worker that is killed, three times over: each has
+    lost its lease max_lease_losses times with its call started. None is guilty, so each runs once
+    more alone on a worker, succeeds, and none ends as poison."""
+    extra = FAST_LEASES.replace("chunk_size = 10", "chunk_size = 5")
+    cluster = make_cluster(tmp_path, redis_url, {"demo": stdio_demo(pool_size=1)}, extra=extra)
+    stop_workers.append(cluster)
+    cluster.start_workers(2)
+    total = 5
+    job_id = submit(cluster, sleeps(total, 3000))
+    killed: set[str] = set()
+
+    def holding_all_with_calls_started() -> str | None:
+        held = holders(cluster, job_id)
+        for worker, count in held.items():
+            started = all(call_recorded(cluster, job_id, i) for i in range(total))
+            if worker not in killed and count == total and started:
+                return worker
+        return None
+
+    for _ in range(3):
+        victim = wait_until(holding_all_with_calls_started, 60, "all five items in flight on one worker")
+        killed.add(victim)
+        os.kill(worker_pid(victim), signal.SIGKILL)
+        cluster.workers = [w for w in cluster.workers if w.pid != worker_pid(victim)]
+        cluster.start_workers(1)
+    status = cluster.wait_for_job(job_id, timeout=90)
+    assert status.succeeded == total and status.failed == 0, status
+    records = settled_exactly_once(cluster, job_id, total)
+    assert all(r.worker not in killed for r in records)
+
+    async def isolated_runs(store: JobStore) -> dict[str, str]:
+        lost: dict[str, str] = await store.client.hgetall(store.keys.job(job_id).lost)
+        return lost
+
+    lost = cluster.run(cluster.with_store(isolated_runs))
+    assert all(lost.get(str(i)) == "3" and f"{i}:isolated" in lost for i in range(total)), lost
 
 
 def test_graceful_shutdown_finishes_or_gives_back_every_item(

@@ -1,0 +1,189 @@
+"""The coverage sweep: no unsettled item waits on nothing.
+
+An unsettled item of a running job is covered by one of three things: a chunk message the broker
+holds (queued, or delivered and unacknowledged), the job's backlog, or a lease (live, or expired
+and about to be taken back by the reaper). Anything else strands it: a message acknowledged
+without its items having run, a message deleted from the broker, a consumer that popped a message
+and died before recording it as unacknowledged.
+
+Checking that item by item would read a million items on every pass. Instead each job keeps a
+record of every chunk sent to the broker and not yet finished (``JobKeys.chunks``, written before
+the send, dropped when a worker has run the chunk: its items are then settled or leased). The sweep
+compares those records with the chunk ids the broker holds; a record the broker has not held for
+``stranded_after_s`` is stranded, and its items that are neither settled nor leased are enqueued
+again as an urgent chunk. A job that has unsettled items and no record, backlog or running item at
+all (records lost with Redis data, say) is checked item by item, the only time the sweep reads
+every item.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from shared.jobs import BrokerView, Enqueuer, send_chunks
+from shared.models import Chunk
+from shared.settings import Settings
+from shared.store import WRITE_BATCH, JobStore, now_ms
+
+log = logging.getLogger(__name__)
+
+WHOLE_JOB = "*"  # the uncovered-since field of a job with nothing at all covering it
+
+
+@dataclass(frozen=True)
+class JobCoverage:
+    """What one read of Redis and the broker says covers a running job's items."""
+
+    job_id: str
+    state: str
+    total: int
+    settled: int
+    running: int  # items leased to a worker right now
+    backlog_chunks: int
+    records: dict[str, Chunk]  # outstanding chunks, by id
+    uncovered_since: dict[str, int]  # chunk id (or WHOLE_JOB) -> ms first seen uncovered
+
+    @property
+    def unsettled(self) -> int:
+        return self.total - self.settled
+
+    def stranded(self, in_broker: BrokerView | None) -> list[Chunk]:
+        """Outstanding chunks the broker does not hold (none, when the broker cannot be read)."""
+        if in_broker is None:
+            return []
+        return [chunk for chunk_id, chunk in self.records.items() if not in_broker.holds(chunk_id)]
+
+    @property
+    def nothing_outstanding(self) -> bool:
+        """A started job with unsettled items and no chunk, backlog entry or running item that could
+        account for them (a pending job may still be being submitted)."""
+        return (
+            self.state == "running"
+            and self.unsettled > 0
+            and not (self.records or self.backlog_chunks or self.running)
+        )
+
+
+async def read_coverage(store: JobStore, job_id: str) -> JobCoverage | None:
+    """The job's coverage bookkeeping in one round trip; None when the job no longer exists."""
+    jk = store.keys.job(job_id)
+    async with store.client.pipeline(transaction=False) as pipe:
+        pipe.hmget(jk.meta, "state", "total")
+        pipe.hlen(jk.results)
+        pipe.hlen(jk.running)
+        pipe.llen(jk.backlog)
+        pipe.hgetall(jk.chunks)
+        pipe.hgetall(jk.uncovered)
+        (state, total), settled, running, backlog, records, uncovered = await pipe.execute()
+    if state is None:
+        return None
+    return JobCoverage(
+        job_id=job_id,
+        state=state,
+        total=int(total or 0),
+        settled=int(settled),
+        running=int(running),
+        backlog_chunks=int(backlog),
+        records={chunk_id: Chunk.model_validate_json(raw) for chunk_id, raw in records.items()},
+        uncovered_since={name: int(ms) for name, ms in uncovered.items()},
+    )
+
+
+async def active_jobs(store: JobStore) -> list[str]:
+    return sorted(await store.client.smembers(store.keys.active))
+
+
+async def broker_view(enqueuer: Enqueuer, servers: Iterable[str]) -> BrokerView | None:
+    return await asyncio.to_thread(enqueuer.chunks_in_broker, list(servers))
+
+
+async def free_items(store: JobStore, job_id: str, indexes: Sequence[int]) -> list[int]:
+    """Those of ``indexes`` that are neither settled nor leased (live or expired: an expired lease
+    is the reaper's to take back)."""
+    unsettled = await store.unsettled(job_id, indexes)
+    if not unsettled:
+        return []
+    scores = await store.client.zmscore(store.keys.leases, [f"{job_id}:{i}" for i in unsettled])
+    return [index for index, score in zip(unsettled, scores, strict=True) if score is None]
+
+
+async def restore(
+    store: JobStore, enqueuer: Enqueuer, settings: Settings, job_id: str, indexes: Sequence[int]
+) -> int:
+    """Enqueue again, as urgent chunks, the items of ``indexes`` that nothing covers (suspects of
+    poison as isolated chunks of one, the only way they run); count them."""
+    free = await free_items(store, job_id, indexes)
+    if not free:
+        return 0
+    specs = await store.item_specs(job_id, free)
+    suspects = await store.suspects(job_id, free)
+    by_server: dict[str, list[int]] = defaultdict(list)
+    chunks = []
+    for index in free:
+        server = specs[index].server or ""
+        if index in suspects:
+            chunks.append(Chunk(job_id=job_id, server=server, items=[index], urgent=True, isolated=True))
+        else:
+            by_server[server].append(index)
+    size = settings.worker.chunk_size
+    chunks += [
+        Chunk(job_id=job_id, server=server, items=items[start : start + size], urgent=True)
+        for server, items in by_server.items()
+        for start in range(0, len(items), size)
+    ]
+    await send_chunks(store, enqueuer, chunks)
+    await store.client.hincrby(store.keys.job(job_id).meta, "restored_items", len(free))
+    return len(free)
+
+
+async def sweep(store: JobStore, enqueuer: Enqueuer, settings: Settings) -> int:
+    """One pass over the running jobs (see the module's text); returns how many items it restored.
+    Runs under the reaper's lock, so one process at a time."""
+    stranded_ms = int(settings.worker.stranded_after_s * 1000)
+    in_broker = await broker_view(enqueuer, settings.servers)
+    restored = 0
+    for job_id in await active_jobs(store):
+        coverage = await read_coverage(store, job_id)
+        jk = store.keys.job(job_id)
+        if coverage is None or coverage.state in ("finished", "cancelled"):
+            await store.client.srem(store.keys.active, job_id)
+            continue
+        now = now_ms()
+        stranded = coverage.stranded(in_broker)
+        uncovered: dict[str, list[int]] = {c.id: c.items for c in stranded}
+        if coverage.nothing_outstanding:
+            uncovered[WHOLE_JOB] = []
+        seen_covered = [name for name in coverage.uncovered_since if name not in uncovered]
+        if seen_covered:
+            await store.client.hdel(jk.uncovered, *seen_covered)
+        first_seen = {name: now for name in uncovered if name not in coverage.uncovered_since}
+        if first_seen:
+            await store.client.hset(jk.uncovered, mapping=first_seen)
+        for name, items in uncovered.items():
+            since = coverage.uncovered_since.get(name)
+            if since is None or now - since < stranded_ms:
+                continue
+            if name == WHOLE_JOB:
+                count = 0
+                for start in range(0, coverage.total, WRITE_BATCH):
+                    window = range(start, min(start + WRITE_BATCH, coverage.total))
+                    count += await restore(store, enqueuer, settings, job_id, window)
+            else:
+                count = await restore(store, enqueuer, settings, job_id, items)
+                await store.client.hdel(jk.chunks, name)
+            await store.client.hdel(jk.uncovered, name)
+            if count:
+                what = "the job" if name == WHOLE_JOB else f"chunk {name}"
+                log.warning(
+                    "sweep: job %s: %d items of %s covered by nothing for %.0f s; enqueued again",
+                    job_id,
+                    count,
+                    what,
+                    (now - since) / 1000,
+                )
+            restored += count
+    return restored
