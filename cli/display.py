@@ -104,7 +104,7 @@ def print_diagnosis(console: Console, diagnosis: Diagnosis) -> None:
     console.print(f"{len(diagnosis.workers)} live workers")
     for worker in diagnosis.workers:
         beat = "?" if worker.last_heartbeat_s is None else f"{worker.last_heartbeat_s:.1f} s ago"
-        console.print(f"  {worker.worker}  last heartbeat {beat}", highlight=False)
+        console.print(f"  {worker.worker}  last heartbeat {beat}", highlight=False, soft_wrap=True)
 
 
 def print_job_diagnosis(console: Console, job: JobDiagnosis) -> None:
@@ -112,6 +112,7 @@ def print_job_diagnosis(console: Console, job: JobDiagnosis) -> None:
         f"[bold]job {job.job_id}[/bold] {job.state}: {job.settled} of {job.total} settled, "
         f"{job.unsettled} unsettled",
         highlight=False,
+        soft_wrap=True,
     )
     if job.state not in ("finished", "cancelled"):
         broker = "" if job.broker_readable else " (the broker cannot be read: queued means recorded)"
@@ -133,5 +134,5 @@ def print_job_diagnosis(console: Console, job: JobDiagnosis) -> None:
             health = "healthy" if server.healthy else f"unhealthy: {server.error}"
             rows.append((f"server {server.server}", f"{health}; {server.leased_items} items leased"))
         for name, value in rows:
-            console.print(f"  {name:<17} {value}", highlight=False)
-    console.print(f"  [bold]why:[/bold] {job.why}", highlight=False)
+            console.print(f"  {name:<17} {value}", highlight=False, soft_wrap=True)
+    console.print(f"  [bold]why:[/bold] {job.why}", highlight=False, soft_wrap=True)

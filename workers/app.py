@@ -136,11 +136,15 @@ class CeleryEnqueuer:
             client, qos = channel.client, channel.qos
             if not hasattr(qos, "unacked_key"):  # not kombu's Redis transport: it cannot be read
                 return None
+            # kombu prefixes the keys of the commands it uses itself, and LRANGE and HVALS are not
+            # among them: name the keys whole.
+            prefix = getattr(channel, "global_keyprefix", "") or ""
             with client.pipeline(transaction=False) as pipe:
                 for server in servers:
                     for priority in channel.priority_steps:
-                        pipe.lrange(channel._q_for_pri(self.keys.queue(server), priority), 0, -1)
-                pipe.hvals(qos.unacked_key)
+                        queue = channel._q_for_pri(self.keys.queue(server), priority)
+                        pipe.lrange(prefix + queue, 0, -1)
+                pipe.hvals(prefix + qos.unacked_key)
                 *queued, unacked = pipe.execute()
         return BrokerView(
             queued=frozenset(json.loads(raw)["headers"]["id"] for messages in queued for raw in messages),

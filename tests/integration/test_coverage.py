@@ -105,9 +105,11 @@ def test_messages_deleted_mid_job_strand_nothing(
     total = 400
     job_id = submit(cluster, sleeps(total, 100))
     wait_until(lambda: status_of(cluster, job_id).settled > 20, 60, "job under way")
-    assert delete_queued_messages(cluster) > 0
+    deleted = delete_queued_messages(cluster)
+    assert deleted > 0
     status = cluster.wait_for_job(job_id, timeout=120)
-    assert status.succeeded == total and status.restored_items > 0, status
+    # Only what was deleted comes back: chunks still queued or running are seen as covered.
+    assert status.succeeded == total and 0 < status.restored_items <= deleted * 10, (status, deleted)
     settled_exactly_once(cluster, job_id, total)
 
 
