@@ -245,7 +245,7 @@ def test_failed_submit_does_not_poison_its_idempotency_key(
     assert written(client, cluster.namespace)[0] == 1
 
 
-@pytest.mark.parametrize("command", ["status", "watch", "results", "cancel"])
+@pytest.mark.parametrize("command", ["status", "watch", "results", "cancel", "doctor"])
 def test_unknown_job_id(cluster: Cluster, client: redis.Redis, command: str) -> None:
     assert_one_line_error(cluster.cli(command, "0123456789abcdef"), "job 0123456789abcdef does not exist")
     assert_nothing_written(client, cluster)
