@@ -389,8 +389,8 @@ async def execute_chunk(ctx: ExecutionContext, chunk: Chunk) -> ChunkReport:
 async def execute_chunk_through_outages(ctx: ExecutionContext, chunk: Chunk) -> ChunkReport:
     """Run the chunk, and while Redis cannot be reached, wait and run it again: its message stays
     unacknowledged here meanwhile. Handing it back to the broker instead (Celery's retry) needs the
-    broker too, and when both are down the republish fails and the message is acknowledged as a
-    failed task: its items were covered by nothing. Running again is safe: claims skip items that
+    broker too: when it is down or refuses writes the republish fails, Celery rejects the failed
+    task's message without requeueing it, and its items were covered by nothing. Running again is safe: claims skip items that
     are settled or leased."""
     while True:
         try:
