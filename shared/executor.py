@@ -390,8 +390,8 @@ async def execute_chunk_through_outages(ctx: ExecutionContext, chunk: Chunk) -> 
     """Run the chunk, and while Redis cannot be reached, wait and run it again: its message stays
     unacknowledged here meanwhile. Handing it back to the broker instead (Celery's retry) needs the
     broker too: when it is down or refuses writes the republish fails, Celery rejects the failed
-    task's message without requeueing it, and its items were covered by nothing. Running again is safe: claims skip items that
-    are settled or leased."""
+    task's message without requeueing it, and its items were covered by nothing. Running again is
+    safe: claims skip items that are settled or leased."""
     while True:
         try:
             return await execute_chunk(ctx, chunk)
