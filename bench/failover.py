@@ -132,6 +132,12 @@ def run(args: argparse.Namespace, workdir: Path, redis_url: str, server_url: str
 
         settled = cluster.run(cluster.with_store(settled_events))
         refused = cluster.run(cluster.with_store(lambda s: s.refused_commits(job_id)))
+
+        async def suspects(store: JobStore) -> int:
+            lost = await store.client.hkeys(store.keys.job(job_id).lost)
+            return sum(1 for field in lost if field.endswith(":suspect"))
+
+        isolated = cluster.run(cluster.with_store(suspects))
     finally:
         cluster.stop_workers()
 
@@ -146,6 +152,7 @@ def run(args: argparse.Namespace, workdir: Path, redis_url: str, server_url: str
     duplicates = sum(count - 1 for count in settled.values() if count > 1)
     print(f"job {status.state}: {status.succeeded} succeeded, {status.failed} failed of {status.total}")
     print(f"kills: {kills}; items held by killed workers: {len(killed_at)}; late commits refused: {refused}")
+    print(f"restored by the coverage sweep: {status.restored_items} items")
     if delays:
         p50, p90, worst = statistics.median(delays), percentile(delays, 0.9), max(delays)
         print(f"kill → started elsewhere: p50 {p50:.1f} s, p90 {p90:.1f} s, max {worst:.1f} s")
@@ -153,6 +160,7 @@ def run(args: argparse.Namespace, workdir: Path, redis_url: str, server_url: str
     if failed_kinds:
         print(f"failures by type: {dict(failed_kinds)}")
     poison = failed_kinds.get("poison", 0)
+    print(f"isolated: {isolated} items lost their lease max_lease_losses times and ran once more alone")
     print(f"poison: {poison} items (bystanders of the kills; the rule is in shared/reaper.py)")
     p99 = percentile(delays, 0.99) if delays else float("nan")
     print(f"failover: p99_s={p99:.1f} lost={lost} duplicates={duplicates} poison={poison}")

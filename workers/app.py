@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 
 RUN_CHUNK = "toolswarm.run_chunk"
 URGENT_PRIORITY = 0
+# An isolated run stops its whole worker process from taking other work while it waits and runs:
+# behind the other taken-back items, so their takeover does not queue behind it; ahead of new work.
+ISOLATED_PRIORITY = 3
 NORMAL_PRIORITY = 6
 
 
@@ -160,9 +163,15 @@ class CeleryEnqueuer:
                     task_id=chunk.id,
                     queue=self.keys.queue(chunk.server),
                     producer=producer,
-                    # On the Redis transport a lower priority number is served first.
-                    priority=URGENT_PRIORITY if chunk.urgent else NORMAL_PRIORITY,
+                    priority=priority_of(chunk),
                 )
+
+
+def priority_of(chunk: Chunk) -> int:
+    """On the Redis transport a lower number is served first."""
+    if chunk.isolated:
+        return ISOLATED_PRIORITY
+    return URGENT_PRIORITY if chunk.urgent else NORMAL_PRIORITY
 
 
 def worker_argv(
