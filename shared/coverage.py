@@ -24,7 +24,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from shared.jobs import BrokerView, Enqueuer, send_chunks
+from shared.jobs import BrokerView, Enqueuer, cancel_job, job_window, send_chunks
 from shared.models import Chunk
 from shared.settings import Settings
 from shared.store import WRITE_BATCH, JobStore, now_ms
@@ -41,6 +41,7 @@ class JobCoverage:
     job_id: str
     state: str
     total: int
+    cancel_requested: bool
     settled: int
     running: int  # items leased to a worker right now
     backlog_chunks: int
@@ -59,32 +60,29 @@ class JobCoverage:
 
     @property
     def nothing_outstanding(self) -> bool:
-        """A started job with unsettled items and no chunk, backlog entry or running item that could
-        account for them (a pending job may still be being submitted)."""
-        return (
-            self.state == "running"
-            and self.unsettled > 0
-            and not (self.records or self.backlog_chunks or self.running)
-        )
+        """Unsettled items, and no chunk, backlog entry or running item that could account for them.
+        (A job is swept only once submit has recorded its chunks: see JobStore.activate.)"""
+        return self.unsettled > 0 and not (self.records or self.backlog_chunks or self.running)
 
 
 async def read_coverage(store: JobStore, job_id: str) -> JobCoverage | None:
     """The job's coverage bookkeeping in one round trip; None when the job no longer exists."""
     jk = store.keys.job(job_id)
     async with store.client.pipeline(transaction=False) as pipe:
-        pipe.hmget(jk.meta, "state", "total")
+        pipe.hmget(jk.meta, "state", "total", "cancel_requested")
         pipe.hlen(jk.results)
         pipe.hlen(jk.running)
         pipe.llen(jk.backlog)
         pipe.hgetall(jk.chunks)
         pipe.hgetall(jk.uncovered)
-        (state, total), settled, running, backlog, records, uncovered = await pipe.execute()
+        (state, total, cancel), settled, running, backlog, records, uncovered = await pipe.execute()
     if state is None:
         return None
     return JobCoverage(
         job_id=job_id,
         state=state,
         total=int(total or 0),
+        cancel_requested=bool(cancel),
         settled=int(settled),
         running=int(running),
         backlog_chunks=int(backlog),
@@ -111,20 +109,21 @@ async def free_items(store: JobStore, job_id: str, indexes: Sequence[int]) -> li
     return [index for index, score in zip(unsettled, scores, strict=True) if score is None]
 
 
-async def restore(
-    store: JobStore, enqueuer: Enqueuer, settings: Settings, job_id: str, indexes: Sequence[int]
-) -> int:
-    """Enqueue again, as urgent chunks, the items of ``indexes`` that nothing covers (suspects of
-    poison as isolated chunks of one, the only way they run); count them."""
+async def restorable(store: JobStore, settings: Settings, job_id: str, indexes: Sequence[int]) -> list[Chunk]:
+    """Urgent chunks of the items of ``indexes`` that nothing covers (suspects of poison as isolated
+    chunks of one: the only way they may run)."""
     free = await free_items(store, job_id, indexes)
     if not free:
-        return 0
+        return []
     specs = await store.item_specs(job_id, free)
     suspects = await store.suspects(job_id, free)
     by_server: dict[str, list[int]] = defaultdict(list)
     chunks = []
     for index in free:
-        server = specs[index].server or ""
+        spec = specs.get(index)
+        if spec is None:  # the job was deleted meanwhile
+            continue
+        server = spec.server or ""
         if index in suspects:
             chunks.append(Chunk(job_id=job_id, server=server, items=[index], urgent=True, isolated=True))
         else:
@@ -135,9 +134,22 @@ async def restore(
         for server, items in by_server.items()
         for start in range(0, len(items), size)
     ]
-    await send_chunks(store, enqueuer, chunks)
-    await store.client.hincrby(store.keys.job(job_id).meta, "restored_items", len(free))
-    return len(free)
+    return chunks
+
+
+async def restore(
+    store: JobStore, enqueuer: Enqueuer, settings: Settings, job_id: str, chunks: Sequence[Chunk]
+) -> int:
+    """Put restored chunks back: a job window's worth on the queues, the rest in the job's backlog
+    (a whole job restored at urgent priority would go ahead of every other job). Returns the items."""
+    if not chunks:
+        return 0
+    window = await job_window(store, settings)
+    await store.push_backlog(job_id, chunks[window:])
+    await send_chunks(store, enqueuer, chunks[:window])
+    count = sum(len(c.items) for c in chunks)
+    await store.client.hincrby(store.keys.job(job_id).meta, "restored_items", count)
+    return count
 
 
 async def sweep(store: JobStore, enqueuer: Enqueuer, settings: Settings) -> int:
@@ -151,6 +163,9 @@ async def sweep(store: JobStore, enqueuer: Enqueuer, settings: Settings) -> int:
         jk = store.keys.job(job_id)
         if coverage is None or coverage.state in ("finished", "cancelled"):
             await store.client.srem(store.keys.active, job_id)
+            continue
+        if coverage.cancel_requested:  # a cancel that died half-way: finish it rather than rerun items
+            await cancel_job(store, job_id)
             continue
         now = now_ms()
         stranded = coverage.stranded(in_broker)
@@ -167,15 +182,19 @@ async def sweep(store: JobStore, enqueuer: Enqueuer, settings: Settings) -> int:
             since = coverage.uncovered_since.get(name)
             if since is None or now - since < stranded_ms:
                 continue
-            if name == WHOLE_JOB:
-                count = 0
-                for start in range(0, coverage.total, WRITE_BATCH):
-                    window = range(start, min(start + WRITE_BATCH, coverage.total))
-                    count += await restore(store, enqueuer, settings, job_id, window)
-            else:
-                count = await restore(store, enqueuer, settings, job_id, items)
-                await store.client.hdel(jk.chunks, name)
+            # Forget the mark first: a sweep that overlaps this one (the reaper's lock expired during
+            # a long whole-job scan) starts its own clock instead of restoring the same items.
             await store.client.hdel(jk.uncovered, name)
+            if name == WHOLE_JOB:
+                chunks = []
+                for start in range(0, coverage.total, WRITE_BATCH):
+                    batch = range(start, min(start + WRITE_BATCH, coverage.total))
+                    chunks += await restorable(store, settings, job_id, batch)
+            else:
+                chunks = await restorable(store, settings, job_id, items)
+            count = await restore(store, enqueuer, settings, job_id, chunks)
+            if name != WHOLE_JOB:
+                await store.client.hdel(jk.chunks, name)
             if count:
                 what = "the job" if name == WHOLE_JOB else f"chunk {name}"
                 log.warning(

@@ -81,7 +81,12 @@ async def diagnose(
     job_ids = [job_id] if job_id else await active_jobs(store)
     jobs = []
     for one in job_ids:
-        diagnosis = await diagnose_job(store, one, in_broker)
+        try:
+            diagnosis = await diagnose_job(store, one, in_broker)
+        except JobNotFound:
+            if job_id:
+                raise
+            continue  # finished and removed while we looked
         diagnosis.why = explain(diagnosis, workers, settings.worker.stranded_after_s)
         jobs.append(diagnosis)
     return Diagnosis(jobs=jobs, workers=workers, stranded_after_s=settings.worker.stranded_after_s)

@@ -7,7 +7,7 @@ import logging
 import random
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -144,6 +144,11 @@ class Draining(Exception):
     """The worker is shutting down: an item that has not started gives its lease back instead."""
 
 
+class ChunkHandedBack(Exception):
+    """The worker began shutting down before this chunk claimed anything: its message goes back to
+    the queue whole (and its record stays), rather than being acknowledged unrun."""
+
+
 WAITING, CALLING, RELEASED = "waiting", "calling", "released"
 
 
@@ -177,6 +182,7 @@ class IsolationGate:
                 await self._changed.wait_for(lambda: not self._alone and not self._sharing)
             finally:
                 self._waiting_alone -= 1
+                self._changed.notify_all()  # a cancelled waiter must not leave shared() asleep
             self._alone = True
         try:
             yield
@@ -353,12 +359,15 @@ async def run_item(
 async def execute_chunk(ctx: ExecutionContext, chunk: Chunk) -> ChunkReport:
     """Lease the chunk's unsettled items and run them concurrently; return what happened. An
     isolated chunk runs alone in this process (see IsolationGate)."""
+    if chunk.isolated and ctx.breaker is not None:
+        # Not while holding the whole process: an isolated item would wait out the outage alone.
+        await ctx.breaker.wait_healthy(chunk.server)
     async with ctx.isolation.alone() if chunk.isolated else ctx.isolation.shared():
-        claims: Sequence[Claim] = []
-        if not ctx.draining:
-            claims = await ctx.store.claim(
-                chunk.job_id, chunk.items, ctx.worker_id, ctx.settings.worker.lease_s, chunk.isolated
-            )
+        if ctx.draining:
+            raise ChunkHandedBack(chunk.id)
+        claims = await ctx.store.claim(
+            chunk.job_id, chunk.items, ctx.worker_id, ctx.settings.worker.lease_s, chunk.isolated
+        )
         policy = await ctx.job_retry(chunk.job_id) if claims else None
         tasks = []
         for claim in claims:

@@ -193,6 +193,7 @@ async def submit_job(spec: JobSpec, settings: Settings, store: JobStore, enqueue
         window = await job_window(store, settings)
         await store.push_backlog(job_id, chunks[window:])
         await send_chunks(store, enqueuer, chunks[:window])
+        await store.activate(job_id)
     except BaseException:
         # Leave nothing half-made behind: no job without its chunks, no key bound to a lost job.
         await store.discard_job(job_id, spec.idempotency_key)

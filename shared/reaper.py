@@ -70,7 +70,7 @@ def verdict(lost: LostLease, budget: int) -> str:
     unmarked_over = lost.any_losses >= UNMARKED_LOSS_FACTOR * budget
     if lost.isolated == ISOLATED_CALL_LOST or (lost.isolated == ISOLATED_LOST_EARLY and unmarked_over):
         return POISON
-    if lost.losses >= budget or unmarked_over:
+    if lost.suspect or lost.losses >= budget or unmarked_over:
         return ISOLATE
     return REQUEUE
 

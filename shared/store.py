@@ -79,6 +79,7 @@ class LostLease:
     losses: int
     any_losses: int
     isolated: int
+    suspect: bool = False  # already sent to run isolated: only an isolated claim may take it
 
 
 @dataclass(frozen=True)
@@ -151,8 +152,11 @@ class JobStore:
             pipe.xadd(jk.events, submitted)
             pipe.xadd(self.keys.events, submitted, maxlen=self.global_events_maxlen, approximate=True)
             pipe.zadd(self.keys.jobs, {job_id: created})
-            pipe.sadd(self.keys.active, job_id)
             await pipe.execute()
+
+    async def activate(self, job_id: str) -> None:
+        """The job's chunks are recorded and on their way: from now on the coverage sweep watches it."""
+        await self.client.sadd(self.keys.active, job_id)
 
     # --- worker side -------------------------------------------------------------------------
 
@@ -279,8 +283,9 @@ class JobStore:
                 losses=int(reply[i + 1]),
                 any_losses=int(reply[i + 2]),
                 isolated=int(reply[i + 3]),
+                suspect=reply[i + 4] == 1,
             )
-            for i in range(0, len(reply), 4)
+            for i in range(0, len(reply), 5)
         ]
 
     async def mark_suspects(self, job_id: str, indexes: Sequence[int]) -> None:

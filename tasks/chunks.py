@@ -7,7 +7,7 @@ from typing import Any
 from celery import Task, shared_task
 from celery.exceptions import Reject
 
-from shared.executor import REDIS_ERRORS
+from shared.executor import REDIS_ERRORS, ChunkHandedBack
 from shared.models import Chunk
 from workers.app import RUN_CHUNK, runtime_of
 
@@ -32,6 +32,6 @@ def run_chunk(
     delivery_tag = (self.request.properties or {}).get("delivery_tag")
     try:
         report = runtime.run_chunk(chunk, delivery_tag)
-    except REDIS_ERRORS as exc:
+    except (ChunkHandedBack, *REDIS_ERRORS) as exc:
         raise Reject(exc, requeue=True) from exc
     return report.model_dump()

@@ -150,8 +150,8 @@ class CeleryEnqueuer:
                 pipe.hvals(prefix + qos.unacked_key)
                 *queued, unacked = pipe.execute()
         return BrokerView(
-            queued=frozenset(json.loads(raw)["headers"]["id"] for messages in queued for raw in messages),
-            delivered=frozenset(json.loads(raw)[0]["headers"]["id"] for raw in unacked),
+            queued=frozenset(_task_id(json.loads(raw)) for messages in queued for raw in messages),
+            delivered=frozenset(_task_id(json.loads(raw)[0]) for raw in unacked),
         )
 
     def enqueue(self, chunks: Sequence[Chunk]) -> None:
@@ -165,6 +165,11 @@ class CeleryEnqueuer:
                     producer=producer,
                     priority=priority_of(chunk),
                 )
+
+
+def _task_id(message: dict[str, Any]) -> str:
+    """The Celery task id of a raw kombu message ("" for a message that is not a task)."""
+    return str((message.get("headers") or {}).get("id", ""))
 
 
 def priority_of(chunk: Chunk) -> int:

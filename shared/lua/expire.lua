@@ -5,9 +5,10 @@
 -- (score 0, graceful shutdown) or already counted (score 1, taken back but not yet requeued).
 -- KEYS: meta, results, epochs, running, leases, lost, calling
 -- ARGV: job_id, now_ms, index...
--- Returns a flat list {index, losses with the call started, all losses, isolated, ...} of items to
--- run again; isolated is 1 when the lost run was the item's isolated run (see claim.lua) and its
--- call had started, 2 when it was lost before its call was recorded, else 0.
+-- Returns a flat list {index, losses with the call started, all losses, isolated, suspect, ...}
+-- of items to run again; isolated is 1 when the lost run was the item's isolated run (see
+-- claim.lua) and its call had started, 2 when it was lost before its call was recorded, else 0;
+-- suspect is 1 when the item may run only isolated from now on.
 local results, epochs, running, leases, lost, calling = KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local job_id, now_ms = ARGV[1], tonumber(ARGV[2])
 local taken = {}
@@ -42,6 +43,7 @@ for i = 3, #ARGV do
         isolated_loss = was_calling and 1 or 2
       end
       taken[#taken + 1] = isolated_loss
+      taken[#taken + 1] = redis.call('HEXISTS', lost, index .. ':suspect')
     end
   end
 end

@@ -12,19 +12,20 @@ from shared.store import ISOLATED_CALL_LOST, ISOLATED_LOST_EARLY, LostLease
 
 
 @pytest.mark.parametrize(
-    ("losses", "any_losses", "isolated", "expected"),
+    ("losses", "any_losses", "isolated", "expected", "suspect"),
     [
-        (1, 1, 0, REQUEUE),  # a first loss: run again with the others
-        (2, 5, 0, REQUEUE),  # within both budgets
-        (3, 3, 0, ISOLATE),  # max_lease_losses with the call started: suspect, not yet guilty
-        (0, 9, 0, ISOLATE),  # lost nine times before its call was ever recorded
-        (4, 4, ISOLATED_CALL_LOST, POISON),  # its isolated run died with the call started
-        (3, 4, ISOLATED_LOST_EARLY, ISOLATE),  # isolated run lost before the call: try it alone again
-        (3, 9, ISOLATED_LOST_EARLY, POISON),  # ... but not without bound
+        (1, 1, 0, REQUEUE, False),  # a first loss: run again with the others
+        (2, 5, 0, REQUEUE, False),  # within both budgets
+        (3, 3, 0, ISOLATE, False),  # max_lease_losses with the call started: suspect, not yet guilty
+        (0, 9, 0, ISOLATE, False),  # lost nine times before its call was ever recorded
+        (4, 4, ISOLATED_CALL_LOST, POISON, False),  # its isolated run died with the call started
+        (3, 4, ISOLATED_LOST_EARLY, ISOLATE, False),  # isolated run lost before the call: try it alone again
+        (3, 9, ISOLATED_LOST_EARLY, POISON, False),  # ... but not without bound
+        (1, 1, 0, ISOLATE, True),  # once a suspect, always isolated (a budget changed meanwhile)
     ],
 )
-def test_verdict(losses: int, any_losses: int, isolated: int, expected: str) -> None:
-    lost = LostLease(index=0, losses=losses, any_losses=any_losses, isolated=isolated)
+def test_verdict(losses: int, any_losses: int, isolated: int, expected: str, suspect: bool) -> None:
+    lost = LostLease(index=0, losses=losses, any_losses=any_losses, isolated=isolated, suspect=suspect)
     assert verdict(lost, budget=3) == expected
 
 
