@@ -3,7 +3,6 @@ chunk whose claim meets a Redis outage while the broker refuses writes is never 
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -17,6 +16,7 @@ from shared.embedded import EmbeddedRedis
 from shared.settings import Settings
 from shared.store import JobStore
 from tests.harness import Cluster, http_demo, make_cluster
+from tests.integration.test_doctor import doctor as diagnose
 from tests.integration.test_failover import (
     FAST_LEASES,
     settled_exactly_once,
@@ -52,9 +52,7 @@ def delete_queued_messages(cluster: Cluster) -> int:
 
 
 def doctor(cluster: Cluster, job_id: str) -> dict[str, Any]:
-    out = cluster.cli("doctor", job_id, "--json")
-    assert out.returncode == 0, out.stderr
-    job: dict[str, Any] = json.loads(out.stdout)["jobs"][0]
+    job: dict[str, Any] = diagnose(cluster, job_id)["jobs"][0]
     return job
 
 
