@@ -24,7 +24,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from shared.jobs import BrokerView, Enqueuer, cancel_job, job_window, send_chunks
+from shared.jobs import BrokerView, Enqueuer, cancel_job, cut_chunks, job_window, send_chunks
 from shared.models import Chunk
 from shared.settings import Settings
 from shared.store import WRITE_BATCH, JobStore, now_ms
@@ -128,13 +128,7 @@ async def restorable(store: JobStore, settings: Settings, job_id: str, indexes: 
             chunks.append(Chunk(job_id=job_id, server=server, items=[index], urgent=True, isolated=True))
         else:
             by_server[server].append(index)
-    size = settings.worker.chunk_size
-    chunks += [
-        Chunk(job_id=job_id, server=server, items=items[start : start + size], urgent=True)
-        for server, items in by_server.items()
-        for start in range(0, len(items), size)
-    ]
-    return chunks
+    return chunks + cut_chunks(job_id, by_server, settings.worker.chunk_size, urgent=True)
 
 
 async def restore(

@@ -109,9 +109,7 @@ async def diagnose_job(store: JobStore, job_id: str, in_broker: BrokerView | Non
     )
     if coverage.state in ("finished", "cancelled"):
         return diagnosis
-    settled = set()
-    for chunk in coverage.records.values():
-        settled.update(await _settled_of(store, job_id, chunk))
+    settled = await _settled_among(store, job_id, [i for c in coverage.records.values() for i in c.items])
     for chunk in coverage.records.values():
         open_items = len([i for i in chunk.items if i not in settled])
         if in_broker is None or chunk.id in in_broker.queued:
@@ -142,9 +140,11 @@ async def diagnose_job(store: JobStore, job_id: str, in_broker: BrokerView | Non
     return diagnosis
 
 
-async def _settled_of(store: JobStore, job_id: str, chunk: Chunk) -> set[int]:
-    raws = await store.client.hmget(store.keys.job(job_id).results, [str(i) for i in chunk.items])
-    return {index for index, raw in zip(chunk.items, raws, strict=True) if raw is not None}
+async def _settled_among(store: JobStore, job_id: str, indexes: list[int]) -> set[int]:
+    if not indexes:
+        return set()
+    raws = await store.client.hmget(store.keys.job(job_id).results, [str(i) for i in indexes])
+    return {index for index, raw in zip(indexes, raws, strict=True) if raw is not None}
 
 
 async def _leases(store: JobStore, job_id: str, diagnosis: JobDiagnosis) -> None:

@@ -7,7 +7,7 @@ import json
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -167,10 +167,17 @@ def plan_chunks(job_id: str, items: Sequence[ItemSpec], chunk_size: int) -> list
     by_server: dict[str, list[int]] = defaultdict(list)
     for index, item in enumerate(items):
         by_server[item.server or ""].append(index)
+    return cut_chunks(job_id, by_server, chunk_size)
+
+
+def cut_chunks(
+    job_id: str, by_server: Mapping[str, Sequence[int]], size: int, *, urgent: bool = False
+) -> list[Chunk]:
+    """Each server's item indexes in chunks of ``size``."""
     return [
-        Chunk(job_id=job_id, server=server, items=indexes[start : start + chunk_size])
+        Chunk(job_id=job_id, server=server, items=list(indexes[start : start + size]), urgent=urgent)
         for server, indexes in by_server.items()
-        for start in range(0, len(indexes), chunk_size)
+        for start in range(0, len(indexes), size)
     ]
 
 

@@ -21,7 +21,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from shared.coverage import sweep
-from shared.jobs import Enqueuer, feed_next, send_chunks
+from shared.jobs import Enqueuer, cut_chunks, feed_next, send_chunks
 from shared.models import Chunk, ItemError, ResultRecord, item_id
 from shared.settings import Settings
 from shared.store import ISOLATED_CALL_LOST, ISOLATED_LOST_EARLY, JobStore, LostLease, Settlement, now_ms
@@ -108,12 +108,7 @@ async def reap_once(store: JobStore, enqueuer: Enqueuer, settings: Settings, wor
                         again[server].append(lost.index)
             if poison:
                 poisoned += (await store.commit(job_id, poison, force=True)).committed
-            size = settings.worker.chunk_size
-            chunks = [
-                Chunk(job_id=job_id, server=server, items=items[start : start + size], urgent=True)
-                for server, items in again.items()
-                for start in range(0, len(items), size)
-            ]
+            chunks = cut_chunks(job_id, again, settings.worker.chunk_size, urgent=True)
             await store.mark_suspects(job_id, [c.items[0] for c in alone])
             await send_chunks(store, enqueuer, [*chunks, *alone])
             requeued += sum(len(c.items) for c in chunks) + len(alone)

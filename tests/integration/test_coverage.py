@@ -158,7 +158,16 @@ def test_claim_failing_while_the_broker_refuses_writes_keeps_the_chunk(
         broker_client = redis.Redis.from_url(broker_url)
         wait_until(lambda: broker_client.hlen(unacked) == 1, 30, "the chunk delivered to the worker")
         with BrokerRefusingWrites(broker_url):
-            time.sleep(20)  # past the Redis client's ~15 s of retries: the claim has failed
+            # Past the Redis client's ~15 s of retries: the claim fails, and the worker either holds
+            # the chunk or (the old path) hands it to Celery's retry, which the broker refuses.
+            wait_until(
+                lambda: any(
+                    sign in cluster.worker_logs(tail=1_000_000)
+                    for sign in ("Redis unavailable", "reject requeue")
+                ),
+                60,
+                "the chunk's claim to fail",
+            )
         state = EmbeddedRedis(
             state.settings, port=state_port, appendonly=True, data_dir=tmp_path / "state-data"
         )

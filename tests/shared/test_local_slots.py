@@ -5,11 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from shared.limiter import LocalSlots
-
-
-async def _settle() -> None:
-    for _ in range(5):
-        await asyncio.sleep(0)
+from tests.shared.loop import settle
 
 
 def test_a_freed_place_goes_to_an_urgent_call_before_earlier_normal_ones() -> None:
@@ -26,9 +22,9 @@ def test_a_freed_place_goes_to_an_urgent_call_before_earlier_normal_ones() -> No
             asyncio.create_task(call("normal-1", False)),
             asyncio.create_task(call("normal-2", False)),
         ]
-        await _settle()
+        await settle()
         waiting.append(asyncio.create_task(call("urgent", True)))
-        await _settle()
+        await settle()
         slots.release()
         await asyncio.gather(*waiting)
         assert slots.free == 1
@@ -63,9 +59,9 @@ def test_a_cancelled_waiter_leaks_no_place() -> None:
         await slots.acquire()
         cancelled = asyncio.create_task(slots.acquire())
         later = asyncio.create_task(slots.acquire(urgent=True))
-        await _settle()
+        await settle()
         cancelled.cancel()
-        await _settle()
+        await settle()
         slots.release()
         await asyncio.wait_for(later, 1)
         slots.release()
@@ -80,7 +76,7 @@ def test_a_place_granted_as_its_waiter_is_cancelled_passes_to_the_next() -> None
         await slots.acquire()
         first = asyncio.create_task(slots.acquire())
         second = asyncio.create_task(slots.acquire())
-        await _settle()
+        await settle()
         slots.release()  # grants `first`, which is cancelled before it runs
         first.cancel()
         await asyncio.wait_for(second, 1)

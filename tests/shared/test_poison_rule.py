@@ -9,6 +9,7 @@ import pytest
 from shared.executor import IsolationGate
 from shared.reaper import ISOLATE, POISON, REQUEUE, verdict
 from shared.store import ISOLATED_CALL_LOST, ISOLATED_LOST_EARLY, LostLease
+from tests.shared.loop import settle
 
 
 @pytest.mark.parametrize(
@@ -29,11 +30,6 @@ def test_verdict(losses: int, any_losses: int, isolated: int, expected: str, sus
     assert verdict(lost, budget=3) == expected
 
 
-async def _settle() -> None:
-    for _ in range(5):
-        await asyncio.sleep(0)
-
-
 def test_an_isolated_chunk_waits_for_running_chunks_and_holds_back_new_ones() -> None:
     async def scenario() -> list[str]:
         gate = IsolationGate()
@@ -50,15 +46,15 @@ def test_an_isolated_chunk_waits_for_running_chunks_and_holds_back_new_ones() ->
         async def isolated() -> None:
             async with gate.alone():
                 order.append("isolated starts")
-                await _settle()
+                await settle()
                 order.append("isolated ends")
 
         first = asyncio.create_task(normal("first", release_first))
-        await _settle()
+        await settle()
         alone = asyncio.create_task(isolated())
-        await _settle()
+        await settle()
         later = asyncio.create_task(normal("later"))
-        await _settle()
+        await settle()
         assert order == ["first starts"], "neither the isolated nor a later chunk starts beside it"
         release_first.set()
         await asyncio.gather(first, alone, later)
