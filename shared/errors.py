@@ -83,6 +83,12 @@ class UnknownTool(PermanentError):
     error_type = "unknown_tool"
 
 
+class InvalidArguments(PermanentError):
+    """A pipeline step's arguments, once its references were resolved, do not fit the tool's schema."""
+
+    error_type = "invalid_arguments"
+
+
 class ToolFailed(PermanentError):
     """The tool ran and reported an error (``is_error`` result)."""
 

@@ -16,8 +16,9 @@ from jsonschema import Draft202012Validator
 from pydantic import ValidationError
 
 from shared.errors import JobNotFound, JobSpecError
-from shared.models import Chunk, ItemSpec, JobSpec, JobStatus, ResultRecord, item_id
+from shared.models import Chunk, ItemSpec, JobSpec, JobStatus, PipelineSpec, ResultRecord, StepSpec, item_id
 from shared.probes import ProbeFailed, tool_schemas
+from shared.refs import find_references, within_reference
 from shared.settings import Settings, describe_validation_error
 from shared.store import JobStore, Settlement, now_ms
 
@@ -70,10 +71,18 @@ def new_job_id() -> str:
     return uuid.uuid4().hex[:16]
 
 
+PIPELINE_LINE_FIELDS = {"input", "key"}
+
+
 def parse_items_lines(
-    lines: Iterable[str], *, default_server: str | None = None, default_tool: str | None = None
+    lines: Iterable[str],
+    *,
+    default_server: str | None = None,
+    default_tool: str | None = None,
+    pipeline: bool = False,
 ) -> list[ItemSpec]:
-    """Parse JSON Lines into items, filling in defaults; every bad line is reported with its number."""
+    """Parse JSON Lines into items, filling in defaults; every bad line is reported with its number.
+    With ``pipeline`` (the job has one) a line brings only its input and key."""
     items: list[ItemSpec] = []
     errors: list[str] = []
     for number, line in enumerate(lines, start=1):
@@ -87,14 +96,27 @@ def parse_items_lines(
         if not isinstance(raw, dict):
             errors.append(f"line {number}: expected a JSON object, got {type(raw).__name__}")
             continue
-        if default_tool and raw.get("tool") is None:
-            raw["tool"] = default_tool
-        if default_server and raw.get("server") is None:
-            raw["server"] = default_server
+        if pipeline and set(raw) - PIPELINE_LINE_FIELDS:
+            extra = ", ".join(sorted(set(raw) - PIPELINE_LINE_FIELDS))
+            errors.append(
+                f"line {number}: the job has a pipeline: a line carries only input and key, not {extra}"
+            )
+            continue
+        if not pipeline:
+            if default_tool and raw.get("tool") is None and raw.get("steps") is None:
+                raw["tool"] = default_tool
+            if default_server and raw.get("server") is None:
+                raw["server"] = default_server
         try:
-            items.append(ItemSpec.model_validate(raw))
+            item = ItemSpec.model_validate(raw)
         except ValidationError as exc:
             errors.append(f"line {number}: {describe_validation_error(exc)}")
+            continue
+        if not pipeline and item.tool is None and item.steps is None:
+            errors.append(f"line {number}: tool: Field required (or give the item steps)")
+            continue
+        item._line = number
+        items.append(item)
     if errors:
         raise JobSpecError(_summarise(errors))
     if not items:
@@ -102,62 +124,160 @@ def parse_items_lines(
     return items
 
 
-def read_items_file(path: str | Path, **defaults: str | None) -> list[ItemSpec]:
+def read_items_file(path: str | Path, **options: Any) -> list[ItemSpec]:
     try:
         text = Path(path).read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise JobSpecError(f"items file {path} does not exist") from None
     except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
         raise JobSpecError(f"cannot read items file {path}: {exc}") from None
-    return parse_items_lines(text.splitlines(), **defaults)
+    return parse_items_lines(text.splitlines(), **options)
+
+
+def read_pipeline_file(path: str | Path) -> PipelineSpec:
+    """A pipeline file: ``{"steps": [...]}``, checked as a whole (names, references)."""
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8-sig"))
+    except FileNotFoundError:
+        raise JobSpecError(f"pipeline file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise JobSpecError(f"cannot read pipeline file {path}: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise JobSpecError(f"pipeline file {path}: invalid JSON: {exc.msg} (line {exc.lineno})") from None
+    try:
+        return PipelineSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise JobSpecError(f"pipeline file {path}: {describe_validation_error(exc)}") from None
+
+
+def resolve_steps(
+    steps: Sequence[StepSpec], default_server: str | None, settings: Settings, where: str
+) -> tuple[list[StepSpec], list[str]]:
+    """Give every step its server (its own, else the item's or the job's), checked against the
+    registry; returns the steps and what is wrong with them."""
+    resolved: list[StepSpec] = []
+    errors: list[str] = []
+    for step in steps:
+        server = step.server or default_server
+        if not server:
+            errors.append(f"{where}: step {step.name!r}: no server (name one on the step, item or job)")
+        elif server not in settings.servers:
+            errors.append(f"{where}: step {step.name!r}: {unknown_server(server, settings)}")
+        resolved.append(step if step.server == server else step.model_copy(update={"server": server}))
+    return resolved, errors
+
+
+def unknown_server(server: str, settings: Settings) -> str:
+    known = ", ".join(sorted(settings.servers)) or "none configured"
+    return f"unknown server {server!r} (known: {known})"
+
+
+def resolve_pipeline(spec: JobSpec, settings: Settings) -> PipelineSpec | None:
+    """The job's pipeline with every step's server resolved; JobSpecError if one is unknown."""
+    if spec.pipeline is None:
+        return None
+    steps, errors = resolve_steps(spec.pipeline.steps, spec.server, settings, "pipeline")
+    if errors:
+        raise JobSpecError(_summarise(errors))
+    return PipelineSpec(steps=steps)
 
 
 def resolve_items(spec: JobSpec, settings: Settings) -> list[ItemSpec]:
-    """Give every item its server and tool, checking servers against the registry (an allow-list)."""
+    """Give every item (and every step) its server, checking servers against the registry (an
+    allow-list). A pipeline item is queued for its first step's server."""
+    pipeline = resolve_pipeline(spec, settings)
     resolved: list[ItemSpec] = []
     errors: list[str] = []
     for number, item in enumerate(spec.items, start=1):
+        where = item.where(number)
+        if pipeline is not None:
+            if item.tool is not None or item.steps is not None or item.arguments:
+                errors.append(f"{where}: the job has a pipeline: an item carries only input and key")
+                continue
+            resolved.append(item.model_copy(update={"server": pipeline.steps[0].server}))
+            continue
+        if item.steps is not None:
+            steps, problems = resolve_steps(item.steps, item.server or spec.server, settings, where)
+            errors.extend(problems)
+            resolved.append(item.model_copy(update={"steps": steps, "server": steps[0].server}))
+            continue
+        if item.tool is None and spec.tool is None:
+            errors.append(f"{where}: no tool (name one on the item or for the whole job, or give steps)")
+            continue
         server = item.server or spec.server
         if not server:
-            errors.append(f"item {number}: no server (name one on the item or for the whole job)")
+            errors.append(f"{where}: no server (name one on the item or for the whole job)")
             continue
         if server not in settings.servers:
-            known = ", ".join(sorted(settings.servers)) or "none configured"
-            errors.append(f"item {number}: unknown server {server!r} (known: {known})")
+            errors.append(f"{where}: {unknown_server(server, settings)}")
             continue
-        resolved.append(item if item.server == server else item.model_copy(update={"server": server}))
+        update: dict[str, Any] = {"server": server}
+        if item.tool is None:
+            update["tool"] = spec.tool
+        resolved.append(item if item.server == server and item.tool else item.model_copy(update=update))
     if errors:
         raise JobSpecError(_summarise(errors))
     return resolved
 
 
-async def validate_arguments(items: Sequence[ItemSpec], settings: Settings, store: JobStore) -> None:
-    """Check every item's tool exists and its arguments fit the tool's input schema (from the
-    tools cache the probes keep, or listed now). Every bad item is reported."""
-    errors: list[str] = []
-    validators: dict[tuple[str, str], Draft202012Validator] = {}
-    schemas_of: dict[str, dict[str, Any]] = {}
-    for number, item in enumerate(items, start=1):
-        server = item.server or ""
-        if server not in schemas_of:
+class ArgumentChecker:
+    """Checks calls against the tools their servers list (from the tools cache the probes keep, or
+    listed now): the tool exists and the literal part of its arguments fits its input schema (a
+    ``$from`` reference is checked once resolved, at run time)."""
+
+    def __init__(self, settings: Settings, store: JobStore) -> None:
+        self.settings = settings
+        self.store = store
+        self._schemas: dict[str, dict[str, Any]] = {}
+        self._validators: dict[tuple[str, str], Draft202012Validator] = {}
+
+    async def problems(self, server: str, tool: str, arguments: dict[str, Any], where: str) -> list[str]:
+        if server not in self._schemas:
             try:
-                schemas_of[server] = await tool_schemas(
-                    store.client, store.keys, server, settings.server(server)
+                self._schemas[server] = await tool_schemas(
+                    self.store.client, self.store.keys, server, self.settings.server(server)
                 )
             except ProbeFailed as exc:
                 raise JobSpecError(f"{exc}; submit without validation to let the workers try later") from None
-        schemas = schemas_of[server]
-        if item.tool not in schemas:
-            errors.append(f"item {number}: unknown tool {item.tool!r} on server {server!r}")
-            continue
-        validator = validators.get((server, item.tool))
+        schemas = self._schemas[server]
+        if tool not in schemas:
+            return [f"{where}: unknown tool {tool!r} on server {server!r}"]
+        validator = self._validators.get((server, tool))
         if validator is None:
-            validator = validators[(server, item.tool)] = Draft202012Validator(schemas[item.tool] or {})
-        if validator.is_valid(item.arguments):  # the common case, without collecting errors
-            continue
-        for problem in sorted(validator.iter_errors(item.arguments), key=lambda e: list(e.path)):
-            where = ".".join(["arguments", *(str(p) for p in problem.path)])
-            errors.append(f"item {number}: {where}: {problem.message}")
+            validator = self._validators[(server, tool)] = Draft202012Validator(schemas[tool] or {})
+        if validator.is_valid(arguments):  # the common case, without collecting errors
+            return []
+        references = list(find_references(arguments))
+        found = []
+        for problem in sorted(validator.iter_errors(arguments), key=lambda e: list(e.path)):
+            if within_reference(problem.path, references):
+                continue
+            location = ".".join(["arguments", *(str(p) for p in problem.path)])
+            found.append(f"{where}: {location}: {problem.message}")
+        return found
+
+    async def steps(self, steps: Sequence[StepSpec], where: str) -> list[str]:
+        found = []
+        for step in steps:
+            at = f"{where}: step {step.name!r}"
+            found += await self.problems(step.server or "", step.tool, step.arguments, at)
+        return found
+
+
+async def validate_arguments(
+    items: Sequence[ItemSpec], settings: Settings, store: JobStore, pipeline: PipelineSpec | None = None
+) -> None:
+    """Check every call of the job (each item's, each step's, the pipeline's once) against its
+    tool. Every bad item is reported."""
+    checker = ArgumentChecker(settings, store)
+    errors: list[str] = []
+    if pipeline is not None:
+        errors += await checker.steps(pipeline.steps, "pipeline")
+    for number, item in enumerate(items, start=1):
+        if item.steps is not None:
+            errors += await checker.steps(item.steps, item.where(number))
+        elif item.tool is not None:
+            errors += await checker.problems(item.server or "", item.tool, item.arguments, item.where(number))
     if errors:
         raise JobSpecError(_summarise(errors))
 
@@ -184,8 +304,9 @@ def cut_chunks(
 async def submit_job(spec: JobSpec, settings: Settings, store: JobStore, enqueuer: Enqueuer) -> Submitted:
     """Validate, record and enqueue a job. Nothing is written or enqueued unless all of it is valid."""
     items = resolve_items(spec, settings)
+    pipeline = resolve_pipeline(spec, settings)
     if spec.validate_arguments:
-        await validate_arguments(items, settings, store)
+        await validate_arguments(items, settings, store, pipeline)
     await asyncio.to_thread(enqueuer.check)
     job_id = new_job_id()
     if spec.idempotency_key:
@@ -195,7 +316,11 @@ async def submit_job(spec: JobSpec, settings: Settings, store: JobStore, enqueue
             return Submitted(job_id=bound, total=status.total, chunks=0, existing=True)
     try:
         state_mode = spec.state_mode or settings.state.mode
-        await store.create_job(job_id, items, (item.server or "" for item in items), state_mode, spec.retry)
+        servers = {item.server or "" for item in items}
+        for item in items:
+            servers.update(step.server or "" for step in item.steps or ())
+        servers.update(step.server or "" for step in (pipeline.steps if pipeline else ()))
+        await store.create_job(job_id, items, servers, state_mode, spec.retry, pipeline)
         chunks = plan_chunks(job_id, items, spec.chunk_size or settings.worker.chunk_size)
         window = await job_window(store, settings)
         await store.push_backlog(job_id, chunks[window:])
@@ -266,7 +391,7 @@ async def cancel_job(store: JobStore, job_id: str) -> JobStatus:
                     item_id=item_id(job_id, index),
                     job_id=job_id,
                     index=index,
-                    tool=spec.tool,
+                    tool=spec.tool or "pipeline",
                     server=spec.server or "",
                     key=spec.key,
                     status="cancelled",

@@ -3,13 +3,14 @@
 Events are flat string maps, as Redis streams carry them:
 - ``job.submitted``   total
 - ``job.started``
-- ``item.settled``    index, status (succeeded | failed | cancelled)
+- ``item.settled``    index, status (succeeded | failed | cancelled), degraded ("1", optional),
+                      failure ('["STEP","ERROR_TYPE"]', optional)
 - ``job.completed``   state (finished | cancelled)
 """
 
 from __future__ import annotations
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from shared.eventlog import Event
 from shared.models import JobState
@@ -23,6 +24,8 @@ class JobView(BaseModel):
     state: JobState = "pending"
     finished_at_ms: int | None = None
     events: int = 0
+    degraded: int = 0
+    failures: dict[str, int] = Field(default_factory=dict)  # '["STEP","ERROR_TYPE"]' -> items
 
 
 def apply_job_event(view: JobView, event: Event) -> JobView:
@@ -37,6 +40,11 @@ def apply_job_event(view: JobView, event: Event) -> JobView:
         status = event["status"]
         if status in ("succeeded", "failed", "cancelled"):
             update[status] = getattr(view, status) + 1
+        if event.get("degraded") == "1":
+            update["degraded"] = view.degraded + 1
+        failure = event.get("failure")
+        if failure:
+            update["failures"] = {**view.failures, failure: view.failures.get(failure, 0) + 1}
         if view.state == "pending":
             update["state"] = "running"
     elif kind == "job.completed":

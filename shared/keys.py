@@ -26,6 +26,8 @@ class JobKeys:
     backlog: str  # list: chunks (JSON) not yet enqueued; fed one per finished chunk (fairness)
     chunks: str  # hash: chunk id -> chunk (JSON), for every chunk sent to the broker and not finished
     uncovered: str  # hash: chunk id (or "*" for the whole job) -> ms since the sweep found it uncovered
+    steps: str  # hash: "INDEX:STEP" -> checkpointed step record (JSON) of an unsettled pipeline item
+    failures: str  # hash: '["STEP","ERROR_TYPE"]' -> items failed so (cas mode; log mode folds events)
 
     def all(self) -> list[str]:
         """Every key of the job (the pub/sub channel is not a key)."""
@@ -56,6 +58,8 @@ class Keys:
             backlog=f"{base}:backlog",
             chunks=f"{base}:chunks",
             uncovered=f"{base}:uncovered",
+            steps=f"{base}:steps",
+            failures=f"{base}:failures",
         )
 
     @property

@@ -1,6 +1,6 @@
 """MCP sessions behind a narrow protocol: pools of persistent sessions, one owner task each.
 
-``ToolCaller.call(server, tool, arguments, timeout)`` is all the executor sees. The pooled
+``ToolCaller.call(server, tool, arguments, timeout, meta)`` is all the executor sees. The pooled
 implementation keeps ``pool_size`` persistent sessions per server; each session is opened and
 closed by one dedicated task for its whole life (the SDK breaks when a session is closed from
 another task) while calls from any task share it. A session whose transport breaks is dropped
@@ -14,7 +14,7 @@ import contextlib
 import logging
 import sys
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import httpx2
 from mcp import Client, StdioServerParameters
@@ -22,7 +22,7 @@ from mcp.client.sse import sse_client
 from mcp.client.stdio import get_default_environment
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
-from mcp_types import CallToolResult, Tool
+from mcp_types import CallToolResult, RequestParamsMeta, Tool
 
 from shared.errors import (
     CallTimeout,
@@ -44,7 +44,18 @@ KEEPALIVE_CONNECTIONS = 6
 
 
 class ToolCaller(Protocol):
-    async def call(self, server: str, tool: str, arguments: dict[str, Any], timeout: float) -> CallResult: ...
+    async def call(
+        self,
+        server: str,
+        tool: str,
+        arguments: dict[str, Any],
+        timeout: float,
+        meta: dict[str, Any] | None = None,
+    ) -> CallResult:
+        """Call a tool; ``meta`` goes in the request's ``_meta``."""
+
+    async def input_schema(self, server: str, tool: str) -> dict[str, Any] | None:
+        """The tool's input schema as the server lists it (None: no such tool)."""
 
 
 def _python_command(command: str) -> str:
@@ -231,7 +242,15 @@ class ServerPool:
                 live = self.sessions
         return min(live, key=lambda s: s.in_flight)
 
-    async def call(self, tool: str, arguments: dict[str, Any], timeout: float) -> CallResult:
+    async def input_schema(self, tool: str) -> dict[str, Any] | None:
+        if self.tools is None:
+            await self.session()
+        listed = (self.tools or {}).get(tool)
+        return listed.input_schema if listed is not None else None
+
+    async def call(
+        self, tool: str, arguments: dict[str, Any], timeout: float, meta: dict[str, Any] | None = None
+    ) -> CallResult:
         session = await self.session()
         if self.tools is not None and tool not in self.tools:
             raise UnknownTool(f"unknown tool {tool!r} on server {self.name!r}")
@@ -240,7 +259,12 @@ class ServerPool:
             raise ServerUnavailable(f"server {self.name!r}: session closed")
         session.in_flight += 1
         try:
-            result = await client.call_tool(tool, arguments, read_timeout_seconds=timeout)
+            result = await client.call_tool(
+                tool,
+                arguments,
+                read_timeout_seconds=timeout,
+                meta=cast(RequestParamsMeta, meta) if meta else None,
+            )
         except MCPError as exc:
             raise classify_mcp_error(exc, self.config) from None
         except TimeoutError:
@@ -277,8 +301,18 @@ class McpPool:
             pool = self.pools[server] = ServerPool(server, self.servers[server])
         return pool
 
-    async def call(self, server: str, tool: str, arguments: dict[str, Any], timeout: float) -> CallResult:
-        return await self.pool(server).call(tool, arguments, timeout)
+    async def call(
+        self,
+        server: str,
+        tool: str,
+        arguments: dict[str, Any],
+        timeout: float,
+        meta: dict[str, Any] | None = None,
+    ) -> CallResult:
+        return await self.pool(server).call(tool, arguments, timeout, meta)
+
+    async def input_schema(self, server: str, tool: str) -> dict[str, Any] | None:
+        return await self.pool(server).input_schema(tool)
 
     async def close(self) -> None:
         await asyncio.gather(*(p.close() for p in self.pools.values()), return_exceptions=True)

@@ -5,34 +5,117 @@ from __future__ import annotations
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
+from shared.refs import check_reference, find_references
 from shared.settings import RetryPolicy
 
 ItemStatus = Literal["succeeded", "failed", "cancelled"]
+StepStatus = Literal["succeeded", "failed", "degraded", "not_run"]
 JobState = Literal["pending", "running", "finished", "cancelled"]
 StateMode = Literal["cas", "log"]
+# Step names go into JMESPath (steps.NAME), Redis hash fields and idempotency keys: keep them plain.
+STEP_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$"
 
 
-class ItemSpec(BaseModel):
-    """One line of an items file: a tool call."""
+class StepSpec(BaseModel):
+    """One step of a pipeline: a tool call whose arguments may refer to the input and earlier steps."""
 
     model_config = ConfigDict(extra="forbid")
 
+    name: str = Field(pattern=STEP_NAME_PATTERN)
     tool: str = Field(min_length=1)
+    server: str | None = None
+    arguments: dict[str, Any] = Field(default_factory=dict)
+    critical: bool = True
+    fallback: Any = None  # a non-critical step that fails takes this as its output
+    timeout_s: float | None = Field(default=None, gt=0)
+    retry: RetryPolicy | None = None
+
+
+def check_steps(steps: list[StepSpec]) -> list[str]:
+    """What is wrong with a chain of steps as written (no I/O): no steps, duplicate names, and
+    references that are not JMESPath or that name a step not run before theirs."""
+    if not steps:
+        return ["steps: a pipeline needs at least one step"]
+    problems: list[str] = []
+    seen: list[str] = []
+    for step in steps:
+        if step.name in seen:
+            problems.append(f"step {step.name!r}: duplicate step name")
+        for reference in find_references(step.arguments):
+            problem = check_reference(reference, seen)
+            if problem:
+                problems.append(f"step {step.name!r}: {problem}")
+        seen.append(step.name)
+    return problems
+
+
+class PipelineSpec(BaseModel):
+    """A chain of steps applied to every item of a job (each item then brings only its input)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: list[StepSpec]
+
+    @model_validator(mode="after")
+    def _valid_chain(self) -> PipelineSpec:
+        problems = check_steps(self.steps)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class ItemSpec(BaseModel):
+    """One line of an items file: a tool call (``tool``, ``arguments``), a pipeline of its own
+    (``steps``), or, in a job with a job-wide pipeline, only its ``input``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tool: str | None = Field(default=None, min_length=1)
     arguments: dict[str, Any] = Field(default_factory=dict)
     server: str | None = None
     key: str | None = None
+    input: dict[str, Any] | None = None
+    steps: list[StepSpec] | None = None
+    # The line of the items file it came from, so that errors found later can name it.
+    _line: int | None = PrivateAttr(default=None)
+
+    def __eq__(self, other: object) -> bool:  # where an item came from is not part of what it is
+        return isinstance(other, ItemSpec) and self.__dict__ == other.__dict__
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def where(self, number: int) -> str:
+        """How errors name the item: by its line in the items file, or by its number in the job."""
+        return f"line {self._line}" if self._line is not None else f"item {number}"
+
+    @model_validator(mode="after")
+    def _call_or_steps(self) -> ItemSpec:
+        if self.steps is None:
+            return self
+        if self.tool is not None or self.arguments:
+            raise ValueError("an item carries either tool and arguments, or steps, not both")
+        problems = check_steps(self.steps)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def is_pipeline(self) -> bool:
+        return self.steps is not None or self.tool is None
 
 
 class JobSpec(BaseModel):
-    """What a caller submits. ``server`` and ``tool`` fill in items that omit them."""
+    """What a caller submits. ``server`` and ``tool`` fill in items that omit them; ``pipeline``
+    applies one chain of steps to every item."""
 
     model_config = ConfigDict(extra="forbid")
 
     items: list[ItemSpec] = Field(min_length=1)
     server: str | None = None
     tool: str | None = None
+    pipeline: PipelineSpec | None = None
     idempotency_key: str | None = None
     chunk_size: int | None = Field(default=None, ge=1, le=10_000)
     state_mode: StateMode | None = None
@@ -56,6 +139,25 @@ class ItemError(BaseModel):
     message: str
     step: str | None = None
     retryable: bool = False
+    # A pipeline step's failure: the steps completed before it and its resolved arguments.
+    context: dict[str, Any] | None = None
+
+
+class StepRecord(BaseModel):
+    """What one step of a pipeline item did. ``output`` is what later steps' references read:
+    ``{text, structured, content}`` (``degraded: true`` and the fallback for a degraded step)."""
+
+    name: str
+    server: str
+    tool: str
+    status: StepStatus
+    attempts: int = 0
+    duration_ms: float = 0.0
+    output: dict[str, Any] | None = None
+    error: ItemError | None = None
+    # How long committing this step's checkpoint took (absent for the last step: the item's
+    # commit is its checkpoint, and for steps checkpointed by an earlier run of the item).
+    checkpoint_ms: float | None = None
 
 
 class ResultRecord(BaseModel):
@@ -74,6 +176,17 @@ class ResultRecord(BaseModel):
     worker: str | None = None
     duration_ms: float = 0.0
     finished_at_ms: int = 0
+    # Pipeline items only: every step's record, and the non-critical steps that fell back.
+    steps: list[StepRecord] | None = None
+    degraded: list[str] | None = None
+
+
+class FailureCount(BaseModel):
+    """How many items of a job failed at one step with one error type (``call`` for single calls)."""
+
+    step: str
+    error_type: str
+    count: int
 
 
 class JobStatus(BaseModel):
@@ -91,6 +204,9 @@ class JobStatus(BaseModel):
     state_mode: StateMode = "cas"
     # Items the coverage sweep found covered by nothing (no queued chunk, backlog or lease) and ran again.
     restored_items: int = 0
+    # Items that succeeded with a non-critical step degraded to its fallback.
+    degraded: int = 0
+    failures: list[FailureCount] = Field(default_factory=list)  # most frequent first
 
     @property
     def settled(self) -> int:

@@ -96,7 +96,9 @@ async def reap_once(store: JobStore, enqueuer: Enqueuer, settings: Settings, wor
                 match verdict(lost, settings.worker.max_lease_losses):
                     case "poison":
                         losses = max(lost.losses, lost.any_losses)
-                        record = poison_record(job_id, lost.index, spec.tool, server, spec.key, losses)
+                        record = poison_record(
+                            job_id, lost.index, spec.tool or "pipeline", server, spec.key, losses
+                        )
                         poison.append(Settlement(record=record, epoch=0))
                     case "isolate":
                         alone.append(

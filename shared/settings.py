@@ -191,6 +191,9 @@ def describe_validation_error(exc: ValidationError) -> str:
     """One line per problem, each as ``dotted.key: reason``."""
     problems = []
     for error in exc.errors():
-        location = ".".join(str(part) for part in error["loc"]) or "(root)"
-        problems.append(f"{location}: {error['msg']}")
+        location = ".".join(str(part) for part in error["loc"])
+        message = error["msg"]
+        if error["type"] == "value_error" and "error" in error.get("ctx", {}):
+            message = str(error["ctx"]["error"])  # a validator's own words, without "Value error, "
+        problems.append(f"{location}: {message}" if location else message)
     return "; ".join(problems)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
@@ -19,7 +20,17 @@ from shared.eventlog import EventLog
 from shared.jobview import JobView, apply_job_event
 from shared.keys import JobKeys, Keys
 from shared.lua import load_lua
-from shared.models import Chunk, ItemSpec, JobState, JobStatus, ResultRecord, StateMode
+from shared.models import (
+    Chunk,
+    FailureCount,
+    ItemSpec,
+    JobState,
+    JobStatus,
+    PipelineSpec,
+    ResultRecord,
+    StateMode,
+    StepRecord,
+)
 from shared.settings import RetryPolicy
 
 WRITE_BATCH = 1000
@@ -63,10 +74,48 @@ class Claim:
 
 @dataclass(frozen=True)
 class Settlement:
-    """A result to commit for an item claimed under ``epoch``."""
+    """A result to commit for an item claimed under ``epoch``; ``steps`` names a pipeline item's
+    steps, whose checkpoints the commit drops."""
 
     record: ResultRecord
     epoch: int
+    steps: Sequence[str] = ()
+
+    def args(self) -> list[Any]:
+        """The item's arguments to commit.lua."""
+        record = self.record
+        degraded = "1" if record.status == "succeeded" and record.degraded else ""
+        failure = ""
+        if record.status == "failed" and record.error is not None:
+            failure = json.dumps([record.error.step or "call", record.error.type])
+        return [
+            record.index,
+            self.epoch,
+            record.status,
+            record.model_dump_json(exclude_none=True),
+            degraded,
+            failure,
+            " ".join(self.steps),
+        ]
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A finished step of a pipeline item claimed under ``epoch``."""
+
+    job_id: str
+    index: int
+    epoch: int
+    record: StepRecord
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """What a job fixes for all its items at submit: a retry policy overriding the servers', and a
+    pipeline for items that bring only their input."""
+
+    retry: RetryPolicy | None = None
+    pipeline: PipelineSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +140,15 @@ class CommitOutcome:
     unsnapshotted: int = 0  # log mode: events appended since the last snapshot
 
 
+def failure_counts(counts: dict[str, Any]) -> list[FailureCount]:
+    """Failures by '["STEP","ERROR_TYPE"]', most frequent first."""
+    listed = []
+    for pair, count in counts.items():
+        step, error_type = json.loads(pair)
+        listed.append(FailureCount(step=step, error_type=error_type, count=int(count)))
+    return sorted(listed, key=lambda f: (-f.count, f.step, f.error_type))
+
+
 class JobStore:
     def __init__(self, client: aioredis.Redis, keys: Keys, global_events_maxlen: int = 100_000) -> None:
         # redis-py's annotations cannot express decode_responses=True (every reply is str): use Any.
@@ -102,6 +160,7 @@ class JobStore:
         self._expire = client.register_script(load_lua("expire"))
         self._unlock = client.register_script(load_lua("unlock"))
         self._feed = client.register_script(load_lua("feed"))
+        self._checkpoint = client.register_script(load_lua("checkpoint"))
 
     # --- submit side -------------------------------------------------------------------------
 
@@ -120,6 +179,7 @@ class JobStore:
         servers: Iterable[str],
         state_mode: StateMode = "cas",
         retry: RetryPolicy | None = None,
+        pipeline: PipelineSpec | None = None,
     ) -> None:
         """Write the job record and its items in pipelined batches, then make it visible."""
         jk = self.keys.job(job_id)
@@ -146,6 +206,7 @@ class JobStore:
                     "state_mode": state_mode,
                     "version": 0,
                     **({"retry": retry.model_dump_json()} if retry else {}),
+                    **({"pipeline": pipeline.model_dump_json(exclude_defaults=True)} if pipeline else {}),
                 },
             )
             submitted = {"type": "job.submitted", "job_id": job_id, "total": len(items), "at_ms": created}
@@ -195,8 +256,8 @@ class JobStore:
         """Commit results of one job in one script call (see commit.lua for the rules)."""
         jk = self.keys.job(job_id)
         args: list[Any] = [job_id, self.global_events_maxlen, "1" if force else "0"]
-        for s in settlements:
-            args += [s.record.index, s.epoch, s.record.status, s.record.model_dump_json(exclude_none=True)]
+        for settlement in settlements:
+            args += settlement.args()
         committed, refused, finished, landed, unsnapshotted = await self._commit(
             keys=self._commit_keys(jk), args=args
         )
@@ -219,7 +280,33 @@ class JobStore:
             jk.notify,
             self.keys.leases,
             self.keys.active,
+            jk.failures,
+            jk.steps,
         ]
+
+    async def checkpoint(self, job_id: str, entries: Sequence[Checkpoint]) -> list[bool]:
+        """Commit finished steps of one job's items (see checkpoint.lua); True where one landed."""
+        jk = self.keys.job(job_id)
+        args: list[Any] = []
+        for entry in entries:
+            record = entry.record.model_dump_json(exclude_none=True)
+            args += [entry.index, entry.epoch, entry.record.name, record]
+        landed = await self._checkpoint(keys=[jk.epochs, jk.results, jk.steps], args=args)
+        return [flag == "1" for flag in landed]
+
+    async def checkpoints(
+        self, job_id: str, wanted: dict[int, list[str]]
+    ) -> dict[int, dict[str, StepRecord]]:
+        """The checkpointed steps of these items (index -> their step names), by index and name."""
+        fields = [(index, name) for index, names in wanted.items() for name in names]
+        if not fields:
+            return {}
+        raws = await self.client.hmget(self.keys.job(job_id).steps, [f"{i}:{n}" for i, n in fields])
+        found: dict[int, dict[str, StepRecord]] = {}
+        for (index, name), raw in zip(fields, raws, strict=True):
+            if raw is not None:
+                found.setdefault(index, {})[name] = StepRecord.model_validate_json(raw)
+        return found
 
     # --- leases ------------------------------------------------------------------------------
 
@@ -324,7 +411,8 @@ class JobStore:
         async with self.client.pipeline(transaction=False) as pipe:
             pipe.hgetall(jk.meta)
             pipe.hlen(jk.running)
-            meta, running = await pipe.execute()
+            pipe.hgetall(jk.failures)
+            meta, running, failures = await pipe.execute()
         if not meta:
             raise JobNotFound(f"job {job_id} does not exist")
         total = int(meta["total"])
@@ -334,6 +422,7 @@ class JobStore:
             counts = (view.succeeded, view.failed, view.cancelled)
             state: JobState = view.state
             finished_at = view.finished_at_ms
+            degraded, failures = view.degraded, view.failures
         else:
             counts = (
                 int(meta.get("succeeded", 0)),
@@ -342,6 +431,7 @@ class JobStore:
             )
             state = meta["state"]
             finished_at = int(meta["finished_at_ms"]) if "finished_at_ms" in meta else None
+            degraded = int(meta.get("degraded", 0))
         succeeded, failed, cancelled = counts
         settled = succeeded + failed + cancelled
         running = 0 if state in ("finished", "cancelled") else min(int(running), total - settled)
@@ -359,6 +449,8 @@ class JobStore:
             servers=[s for s in meta.get("servers", "").split(",") if s],
             state_mode=mode,
             restored_items=int(meta.get("restored_items", 0)),
+            degraded=degraded,
+            failures=failure_counts(failures),
         )
 
     async def results(self, job_id: str, batch: int = WRITE_BATCH) -> AsyncIterator[ResultRecord]:
@@ -465,9 +557,12 @@ class JobStore:
     async def live_worker_count(self) -> int:
         return len([key async for key in self.client.scan_iter(match=self.keys.workers_pattern)])
 
-    async def job_retry(self, job_id: str) -> RetryPolicy | None:
-        raw = await self.client.hget(self.keys.job(job_id).meta, "retry")
-        return RetryPolicy.model_validate_json(raw) if raw else None
+    async def job_plan(self, job_id: str) -> JobPlan:
+        retry, pipeline = await self.client.hmget(self.keys.job(job_id).meta, ["retry", "pipeline"])
+        return JobPlan(
+            retry=RetryPolicy.model_validate_json(retry) if retry else None,
+            pipeline=PipelineSpec.model_validate_json(pipeline) if pipeline else None,
+        )
 
     async def refused_commits(self, job_id: str) -> int:
         return int(await self.client.hget(self.keys.job(job_id).meta, "refused_commits") or 0)

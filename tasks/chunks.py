@@ -7,7 +7,8 @@ from typing import Any
 from celery import Task, shared_task
 from celery.exceptions import Reject
 
-from shared.executor import REDIS_ERRORS, ChunkHandedBack
+from shared.execution import ChunkHandedBack
+from shared.executor import REDIS_ERRORS
 from shared.models import Chunk
 from workers.app import RUN_CHUNK, runtime_of
 

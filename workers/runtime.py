@@ -18,8 +18,10 @@ import time
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+from shared.committer import BatchCommitter
 from shared.embedded import redis_url
-from shared.executor import BatchCommitter, ExecutionContext, drain, execute_chunk_through_outages
+from shared.execution import ExecutionContext
+from shared.executor import drain, execute_chunk_through_outages
 from shared.jobs import Enqueuer
 from shared.keys import Keys
 from shared.limiter import ClusterLimiter

@@ -4,9 +4,13 @@
 -- marked finished (or cancelled) and job.completed is appended, exactly once.
 -- State modes: 'cas' moves the counters of the job record (and its version) in place;
 -- 'log' only appends item.settled events, whose fold is the job view (see jobview.py).
--- KEYS: meta, results, epochs, running, job_events, global_events, notify_channel, leases, active_jobs
+-- Pipeline items: a settled item's step checkpoints are dropped (its record carries the steps);
+-- a degraded success and a failure (by step and error type) are counted for the job's status.
+-- KEYS: meta, results, epochs, running, job_events, global_events, notify_channel, leases, active_jobs,
+--       failures, steps
 -- ARGV: job_id, global_maxlen, force ("1" skips the epoch check), then per item:
---       index, epoch, status, record_json
+--       index, epoch, status, record_json, degraded ("1" or ""), failure ('["STEP","TYPE"]' or ""),
+--       checkpointed step names (space-separated, or "")
 -- Returns {committed, refused, job_finished (0|1), landed, unsnapshotted}; landed has one char
 -- per item ('1' committed, '0' refused); unsnapshotted counts log events since the snapshot.
 local meta, results, epochs, running = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
@@ -29,8 +33,9 @@ local now_ms = now[1] * 1000 + math.floor(now[2] / 1000)
 
 local committed, refused = 0, 0
 local landed = {}
-for i = 4, #ARGV, 4 do
+for i = 4, #ARGV, 7 do
   local index, epoch, status, record = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local degraded, failure, checkpointed = ARGV[i + 4] == '1', ARGV[i + 5], ARGV[i + 6]
   local stale = (not force) and redis.call('HGET', epochs, index) ~= epoch
   if stale or redis.call('HEXISTS', results, index) == 1 then
     refused = refused + 1
@@ -39,10 +44,28 @@ for i = 4, #ARGV, 4 do
     redis.call('HSET', results, index, record)
     redis.call('HDEL', running, index)
     redis.call('ZREM', leases, job_id .. ':' .. index)
+    for name in string.gmatch(checkpointed, '%S+') do
+      redis.call('HDEL', KEYS[11], index .. ':' .. name)
+    end
+    local event = {'type', 'item.settled', 'job_id', job_id, 'index', index, 'status', status}
+    if degraded then
+      event[#event + 1] = 'degraded'
+      event[#event + 1] = '1'
+    end
+    if failure ~= '' then
+      event[#event + 1] = 'failure'
+      event[#event + 1] = failure
+    end
     if not log_mode then
       redis.call('HINCRBY', meta, status, 1)
+      if degraded then
+        redis.call('HINCRBY', meta, 'degraded', 1)
+      end
+      if failure ~= '' then
+        redis.call('HINCRBY', KEYS[10], failure, 1)
+      end
     end
-    append({'type', 'item.settled', 'job_id', job_id, 'index', index, 'status', status})
+    append(event)
     committed = committed + 1
     landed[#landed + 1] = '1'
   end
@@ -65,6 +88,7 @@ if committed > 0 then
     local final = m[3] and 'cancelled' or 'finished'
     redis.call('HSET', meta, 'state', final, 'finished_at_ms', now_ms)
     redis.call('SREM', KEYS[9], job_id)
+    redis.call('DEL', KEYS[11])
     local fields = {'type', 'job.completed', 'job_id', job_id, 'state', final, 'total', m[1],
       'at_ms', now_ms}
     if not log_mode then

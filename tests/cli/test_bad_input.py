@@ -101,16 +101,16 @@ def test_valid_submit_is_visible_to_the_nothing_written_check(
         pytest.param(
             [GOOD, json.dumps({"tool": "echo", "server": "nope"})],
             ["--server", "demo"],
-            ["item 2: unknown server 'nope'", "(known: demo)"],
+            ["line 2: unknown server 'nope'", "(known: demo)"],
             id="unknown-server-on-item",
         ),
         pytest.param(
             [GOOD],
             ["--server", "nope"],
-            ["item 1: unknown server 'nope'", "(known: demo)"],
+            ["line 1: unknown server 'nope'", "(known: demo)"],
             id="unknown-server",
         ),
-        pytest.param([GOOD], [], ["item 1: no server"], id="no-server"),
+        pytest.param([GOOD], [], ["line 1: no server"], id="no-server"),
         pytest.param(
             [json.dumps({"arguments": {}})],
             ["--server", "demo"],

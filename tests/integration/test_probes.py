@@ -33,10 +33,10 @@ def test_invalid_arguments_are_refused_per_item_and_nothing_is_enqueued(
     out = cluster.cli("submit", str(write_items(tmp_path / "i.jsonl", items)), "--server", "demo")
     assert out.returncode == 1 and "Traceback" not in out.stderr
     error = " ".join(out.stderr.split())
-    assert "item 2: arguments.a: 'one' is not of type 'number'" in error
-    assert "item 3: arguments: 'text' is a required property" in error
-    assert "item 4: unknown tool 'nope'" in error
-    assert "item 1" not in error
+    assert "line 2: arguments.a: 'one' is not of type 'number'" in error
+    assert "line 3: arguments: 'text' is a required property" in error
+    assert "line 4: unknown tool 'nope'" in error
+    assert "line 1" not in error
 
     async def nothing(store: Any) -> tuple[int, int]:
         queued = [k async for k in store.client.scan_iter(match=f"{cluster.namespace}:celery:*")]

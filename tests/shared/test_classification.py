@@ -11,6 +11,7 @@ import pytest
 from mcp.shared.exceptions import MCPError
 from mcp_types import CallToolResult, TextContent
 
+from shared.calls import error_of, retrying, tool_error_of
 from shared.errors import (
     CallTimeout,
     ConfigError,
@@ -24,7 +25,8 @@ from shared.errors import (
     TransientError,
     UnknownTool,
 )
-from shared.executor import ExecutionContext, call_item, error_of, retrying, tool_error_of
+from shared.execution import ExecutionContext
+from shared.executor import call_item
 from shared.mcp_client import classify_mcp_error, describe, to_call_result
 from shared.models import CallResult, ItemSpec
 from shared.settings import RetryPolicy, ServerConfig, Settings
@@ -259,9 +261,21 @@ class FakeCaller:
     def __init__(self, *steps: Step) -> None:
         self.steps = list(steps)
         self.calls: list[tuple[str, str, dict[str, Any], float]] = []
+        self.metas: list[dict[str, Any] | None] = []
 
-    async def call(self, server: str, tool: str, arguments: dict[str, Any], timeout: float) -> CallResult:
+    async def input_schema(self, server: str, tool: str) -> dict[str, Any] | None:
+        return None
+
+    async def call(
+        self,
+        server: str,
+        tool: str,
+        arguments: dict[str, Any],
+        timeout: float,
+        meta: dict[str, Any] | None = None,
+    ) -> CallResult:
         self.calls.append((server, tool, arguments, timeout))
+        self.metas.append(meta)
         step = self.steps[min(len(self.calls), len(self.steps)) - 1]
         if isinstance(step, ToolswarmError):
             raise step
@@ -318,6 +332,7 @@ def test_success_on_first_attempt() -> None:
     assert (record.tool, record.server, record.worker) == ("echo", "srv", "w-test")
     assert record.duration_ms >= 0 and record.finished_at_ms > 0
     assert caller.calls == [("srv", "echo", {"t": 1}, 3.0)]
+    assert caller.metas == [{"io.toolswarm/idempotency-key": "job9:5:call"}]
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from shared.executor import IsolationGate
+from shared.execution import IsolationGate
 from shared.reaper import ISOLATE, POISON, REQUEUE, verdict
 from shared.store import ISOLATED_CALL_LOST, ISOLATED_LOST_EARLY, LostLease
 from tests.shared.loop import settle

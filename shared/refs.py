@@ -1,0 +1,138 @@
+"""References between pipeline steps: ``{"$from": "EXPR"}`` inside a step's arguments.
+
+EXPR is JMESPath (the ``jmespath`` library) evaluated over the item's scope, ``{"input": ...,
+"steps": {NAME: OUTPUT}}``. Everything here is pure: finding references, checking them at
+submit, and resolving them at run time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterator, Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import jmespath
+from jmespath.exceptions import JMESPathError
+from jmespath.parser import ParsedResult
+
+FROM = "$from"
+SCOPE_ROOTS = ("input", "steps")
+
+# Node types whose first child is evaluated against the same value as the node itself; the others
+# (projections' right side, filter conditions, pipes' right side) see something else.
+_FIRST_CHILD_IN_SCOPE = {"index_expression", "projection", "value_projection", "flatten", "pipe"}
+_ALL_CHILDREN_IN_SCOPE = {
+    "function_expression",
+    "multi_select_list",
+    "multi_select_dict",
+    "key_val_pair",
+    "comparator",
+    "or_expression",
+    "and_expression",
+    "not_expression",
+}
+
+
+@dataclass(frozen=True)
+class Reference:
+    """One ``{"$from": EXPR}`` found in a step's arguments, at ``path`` (keys and list indexes)."""
+
+    path: tuple[str | int, ...]
+    expression: Any
+    other_keys: tuple[str, ...] = ()
+
+    @property
+    def where(self) -> str:
+        return ".".join(["arguments", *(str(p) for p in self.path)])
+
+
+def is_reference(value: Any) -> bool:
+    return isinstance(value, dict) and FROM in value
+
+
+def find_references(value: Any, path: tuple[str | int, ...] = ()) -> Iterator[Reference]:
+    """Every reference inside ``value`` (a step's arguments), depth first."""
+    if is_reference(value):
+        yield Reference(path, value[FROM], tuple(sorted(k for k in value if k != FROM)))
+    elif isinstance(value, dict):
+        for key, inner in value.items():
+            yield from find_references(inner, (*path, key))
+    elif isinstance(value, list):
+        for position, inner in enumerate(value):
+            yield from find_references(inner, (*path, position))
+
+
+@lru_cache(maxsize=1024)
+def compiled(expression: str) -> ParsedResult:
+    return jmespath.compile(expression)
+
+
+def scope_paths(node: Mapping[str, Any]) -> Iterator[list[str]]:
+    """The field chains of a parsed expression that are read from the scope itself: for
+    ``join(',', steps.fetch.content[].text)`` that is ``["steps", "fetch", "content"]``."""
+    kind = node["type"]
+    children: list[Mapping[str, Any]] = node.get("children", [])
+    if kind == "field":
+        yield [node["value"]]
+    elif kind == "subexpression":
+        head, *rest = children
+        for path in scope_paths(head):
+            if head["type"] in ("field", "subexpression"):
+                for child in rest:
+                    if child["type"] != "field":
+                        break
+                    path = [*path, child["value"]]
+            yield path
+    elif kind in _FIRST_CHILD_IN_SCOPE or kind == "filter_projection":
+        yield from scope_paths(children[0])
+    elif kind in _ALL_CHILDREN_IN_SCOPE:
+        for child in children:
+            yield from scope_paths(child)
+
+
+def check_reference(reference: Reference, earlier_steps: Collection[str]) -> str | None:
+    """Why a reference cannot work, or None: bad JMESPath, a name outside the scope, or a step that
+    does not run before the one referring to it."""
+    expression = reference.expression
+    if reference.other_keys:
+        others = ", ".join(reference.other_keys)
+        return f"{reference.where}: $from must be the only key of its object (also: {others})"
+    if not isinstance(expression, str) or not expression.strip():
+        return f"{reference.where}: $from must be a JMESPath expression (a non-empty string)"
+    try:
+        parsed = compiled(expression)
+    except JMESPathError as exc:
+        reason = str(exc).splitlines()[0]
+        return f"{reference.where}: $from {expression!r} is not valid JMESPath ({reason})"
+    for path in scope_paths(parsed.parsed):
+        root = path[0]
+        if root not in SCOPE_ROOTS:
+            return (
+                f"{reference.where}: $from {expression!r} reads {root!r}, which is not in scope "
+                f"(use {' or '.join(SCOPE_ROOTS)})"
+            )
+        if root == "steps" and len(path) > 1 and path[1] not in earlier_steps:
+            return (
+                f"{reference.where}: $from {expression!r} refers to step {path[1]!r}, "
+                "which does not run before this one"
+            )
+    return None
+
+
+def resolve(value: Any, scope: Mapping[str, Any]) -> Any:
+    """``value`` with every reference replaced by its expression's value over ``scope``."""
+    if is_reference(value):
+        return compiled(value[FROM]).search(scope)
+    if isinstance(value, dict):
+        return {key: resolve(inner, scope) for key, inner in value.items()}
+    if isinstance(value, list):
+        return [resolve(inner, scope) for inner in value]
+    return value
+
+
+def within_reference(path: Collection[str | int], references: Collection[Reference]) -> bool:
+    """Whether a location in the arguments is a reference or inside one (its value is not known
+    until run time, so a schema complaint about it waits until then)."""
+    located = tuple(path)
+    return any(located[: len(r.path)] == r.path for r in references)
