@@ -18,7 +18,7 @@ from shared.embedded import redis_url
 from shared.errors import JobNotFound, JobSpecError, RedisUnavailable
 from shared.jobs import Enqueuer, resolve_items, submit_job
 from shared.keys import Keys
-from shared.models import ItemSpec, JobSpec, JobStatus, ResultRecord, StateMode
+from shared.models import ItemSpec, JobSpec, JobStatus, PipelineSpec, ResultRecord, StateMode, StepSpec
 from shared.settings import RetryPolicy, Settings
 from shared.store import JobStore, connect, ping
 
@@ -33,6 +33,8 @@ class ItemIn(BaseModel):
     arguments: dict[str, Any] = Field(default_factory=dict)
     server: str | None = None
     key: str | None = None
+    input: dict[str, Any] | None = None
+    steps: list[StepSpec] | None = None
 
 
 class JobIn(BaseModel):
@@ -43,6 +45,7 @@ class JobIn(BaseModel):
     items: list[ItemIn] = Field(min_length=1)
     server: str | None = None
     tool: str | None = None
+    pipeline: PipelineSpec | None = Field(default=None, description="Steps applied to every item's input.")
     chunk_size: int | None = Field(default=None, ge=1, le=10_000)
     state_mode: StateMode | None = None
     retry: RetryPolicy | None = Field(default=None, description="Overrides the servers' retry policies.")
@@ -115,21 +118,27 @@ def to_job_spec(body: JobIn, idempotency_key: str | None) -> JobSpec:
     errors = [
         {"loc": ["body", "items", i, "tool"], "msg": "no tool (name one on the item or for the whole job)"}
         for i, item in enumerate(body.items)
-        if not (item.tool or body.tool)
+        if not (item.tool or body.tool or item.steps is not None or body.pipeline is not None)
     ]
     if errors:
         raise _Invalid(errors)
-    items = [
-        ItemSpec(
-            tool=item.tool or body.tool or "", arguments=item.arguments, server=item.server, key=item.key
-        )
-        for item in body.items
-    ]
     try:
+        items = [
+            ItemSpec.model_validate(
+                item.model_dump(exclude_unset=True)
+                | (
+                    {}
+                    if item.steps is not None or body.pipeline is not None
+                    else {"tool": item.tool or body.tool}
+                )
+            )
+            for item in body.items
+        ]
         return JobSpec(
             items=items,
             server=body.server,
             tool=body.tool,
+            pipeline=body.pipeline,
             chunk_size=body.chunk_size,
             state_mode=body.state_mode,
             idempotency_key=idempotency_key,
@@ -225,11 +234,12 @@ def create_api(
     async def get_results(
         job_id: str,
         status: Literal["succeeded", "failed", "cancelled"] | None = None,
+        step: Annotated[str | None, Query(description="Only items that failed at this step.")] = None,
         cursor: Annotated[str | None, Query(pattern=r"^\d+$")] = None,
         limit: Annotated[int, Query(ge=1, le=MAX_RESULTS_PAGE)] = 100,
     ) -> ResultsPage:
         """Settled results in item order; ``cursor`` is opaque (the next item index)."""
-        page, next_index = await store().results_page(job_id, int(cursor or 0), limit, status)
+        page, next_index = await store().results_page(job_id, int(cursor or 0), limit, status, step)
         return ResultsPage(results=page, next_cursor=None if next_index is None else str(next_index))
 
     @api.post("/v1/jobs/{job_id}/cancel", response_model=JobStatus, dependencies=[Auth])

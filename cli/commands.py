@@ -18,7 +18,14 @@ from shared import events
 from shared.doctor import Diagnosis, diagnose
 from shared.embedded import redis_url
 from shared.errors import ConfigError, JobSpecError
-from shared.jobs import Submitted, cancel_job, read_items_file, resolve_items, submit_job
+from shared.jobs import (
+    Submitted,
+    cancel_job,
+    read_items_file,
+    read_pipeline_file,
+    resolve_items,
+    submit_job,
+)
 from shared.keys import Keys
 from shared.limiter import in_flight
 from shared.models import JobSpec, JobStatus, ResultRecord
@@ -47,6 +54,7 @@ def submit(
     settings: Settings,
     items_file: Path,
     *,
+    pipeline_file: Path | None = None,
     server: str | None = None,
     tool: str | None = None,
     idempotency_key: str | None = None,
@@ -55,11 +63,15 @@ def submit(
     validate: bool = True,
     retry_attempts: int | None = None,
 ) -> Submitted:
-    items = read_items_file(items_file, default_server=server, default_tool=tool)
+    pipeline = read_pipeline_file(pipeline_file) if pipeline_file is not None else None
+    items = read_items_file(
+        items_file, default_server=server, default_tool=tool, pipeline=pipeline is not None
+    )
     try:
         spec = JobSpec.model_validate(
             {
                 "items": items,
+                "pipeline": pipeline,
                 "server": server,
                 "tool": tool,
                 "idempotency_key": idempotency_key,
@@ -110,10 +122,12 @@ def cancel(settings: Settings, job_id: str) -> JobStatus:
     return asyncio.run(go())
 
 
-def results(settings: Settings, job_id: str, status_filter: str | None = None) -> Iterator[ResultRecord]:
+def results(
+    settings: Settings, job_id: str, status_filter: str | None = None, step: str | None = None
+) -> Iterator[ResultRecord]:
     async def go() -> list[ResultRecord]:
         async with open_store(settings) as store:
-            return [r async for r in store.results(job_id) if status_filter in (None, r.status)]
+            return [r async for r in store.results(job_id) if r.matches(status_filter, step)]
 
     yield from asyncio.run(go())
 

@@ -43,6 +43,21 @@ def print_status(console: Console, job: JobStatus) -> None:
     table.add_row("servers", ", ".join(job.servers))
     if job.restored_items:
         table.add_row("restored_items", str(job.restored_items))
+    if job.degraded:
+        table.add_row("degraded", str(job.degraded))
+    console.print(table)
+    print_failures(console, job)
+
+
+def print_failures(console: Console, job: JobStatus) -> None:
+    """Failed items by the step that failed and its error type, most frequent first."""
+    if not job.failures:
+        return
+    table = Table(title="failures")
+    for column in ("step", "error_type", "items"):
+        table.add_column(column)
+    for failure in job.failures:
+        table.add_row(failure.step, failure.error_type, str(failure.count))
     console.print(table)
 
 
@@ -53,6 +68,7 @@ def print_summary(console: Console, job: JobStatus) -> None:
         f"job {job.job_id} {job.state}: [green]{job.succeeded} succeeded[/green], "
         f"[red]{job.failed} failed[/red], {job.cancelled} cancelled, {job.total} total "
         f"in {elapsed:.2f}s ({rate:.0f} items/s)"
+        + (f", {job.degraded} of the succeeded degraded" if job.degraded else "")
     )
 
 

@@ -75,8 +75,16 @@ def _errors_as_one_line() -> Iterator[None]:
 @app.command()
 def submit(
     items_file: Annotated[
-        Path, typer.Argument(help="JSON Lines: one {tool, arguments, server?, key?} a line.")
+        Path,
+        typer.Argument(
+            help="JSON Lines: one {tool, arguments, server?, key?} or {steps, input?, key?} a line "
+            "({input, key?} with --pipeline)."
+        ),
     ],
+    pipeline: Annotated[
+        Path | None,
+        typer.Option(help='A pipeline file ({"steps": [...]}) applied to every line of the items file.'),
+    ] = None,
     server: Annotated[str | None, typer.Option(help="Server for items that name none.")] = None,
     tool: Annotated[str | None, typer.Option(help="Tool for items that name none.")] = None,
     idempotency_key: Annotated[
@@ -103,6 +111,7 @@ def submit(
         submitted = commands.submit(
             settings(),
             items_file,
+            pipeline_file=pipeline,
             server=server,
             tool=tool,
             idempotency_key=idempotency_key,
@@ -173,6 +182,9 @@ def results(
         str | None,
         typer.Option("--status", help="Only results with this status: succeeded, failed, cancelled."),
     ] = None,
+    step: Annotated[
+        str | None, typer.Option("--step", help="Only failed items, whose failing step is this one.")
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Print one result record per line (JSON)."""
@@ -181,7 +193,9 @@ def results(
     with _errors_as_one_line():
         if status_filter not in (None, "succeeded", "failed", "cancelled"):
             raise Failure(f"--status must be succeeded, failed or cancelled, not {status_filter!r}")
-        for record in commands.results(settings(), job_id, status_filter):
+        if step is not None and status_filter not in (None, "failed"):
+            raise Failure("--step selects failed items: it cannot be combined with --status " + status_filter)
+        for record in commands.results(settings(), job_id, status_filter, step):
             sys.stdout.write(record.model_dump_json(exclude_none=True) + "\n")
         sys.stdout.flush()
     _ = as_json  # result records are JSON Lines either way

@@ -180,6 +180,15 @@ class ResultRecord(BaseModel):
     steps: list[StepRecord] | None = None
     degraded: list[str] | None = None
 
+    def matches(self, status: str | None = None, failed_step: str | None = None) -> bool:
+        """Whether a results filter keeps this record: its status, and (``failed_step``) failed at
+        that step (``call`` for a single-call item)."""
+        if status is not None and self.status != status:
+            return False
+        if failed_step is None:
+            return True
+        return self.status == "failed" and self.error is not None and self.error.step == failed_step
+
 
 class FailureCount(BaseModel):
     """How many items of a job failed at one step with one error type (``call`` for single calls)."""

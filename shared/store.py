@@ -464,10 +464,10 @@ class JobStore:
                     yield ResultRecord.model_validate_json(raw)
 
     async def results_page(
-        self, job_id: str, start: int, limit: int, status: str | None = None
+        self, job_id: str, start: int, limit: int, status: str | None = None, step: str | None = None
     ) -> tuple[list[ResultRecord], int | None]:
-        """Up to ``limit`` settled results from item ``start`` on (optionally of one status), and
-        the index to continue from (None at the end)."""
+        """Up to ``limit`` settled results from item ``start`` on (optionally of one status, or
+        failed at one step), and the index to continue from (None at the end)."""
         total = (await self.status(job_id)).total
         page: list[ResultRecord] = []
         index = start
@@ -480,7 +480,7 @@ class JobStore:
                 if raw is None:
                     continue
                 record = ResultRecord.model_validate_json(raw)
-                if status in (None, record.status):
+                if record.matches(status, step):
                     page.append(record)
                     if len(page) == limit:
                         break

@@ -173,10 +173,10 @@ def make_cluster(
     return Cluster(config_file=config, redis_url=redis_url, namespace=namespace, env=env)
 
 
-def start_demo_http(port: int) -> subprocess.Popen[bytes]:
+def start_demo_http(port: int, *args: str) -> subprocess.Popen[bytes]:
     """The demo MCP server over streamable HTTP on 127.0.0.1:port, listening when this returns."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "workers.demo_server", "--transport", "http", "--port", str(port)],
+        [sys.executable, "-m", "workers.demo_server", "--transport", "http", "--port", str(port), *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -186,9 +186,9 @@ def start_demo_http(port: int) -> subprocess.Popen[bytes]:
 
 
 @contextmanager
-def demo_http_server() -> Iterator[str]:
+def demo_http_server(*args: str) -> Iterator[str]:
     port = free_port()
-    process = start_demo_http(port)
+    process = start_demo_http(port, *args)
     try:
         yield f"http://127.0.0.1:{port}/mcp"
     finally:
