@@ -197,3 +197,39 @@ def test_oversized_body_is_413(api: tuple[Cluster, httpx2.Client]) -> None:
         client.post("/v1/jobs", content=chunks(), headers={"Content-Type": "application/json"}).status_code
         == 413
     )
+
+
+def test_pipelines_through_the_api(api: tuple[Cluster, httpx2.Client]) -> None:
+    _, client = api
+    pipeline = {
+        "steps": [
+            {"name": "say", "tool": "echo", "arguments": {"text": {"$from": "input.word"}}},
+            {"name": "shout", "tool": "fail", "arguments": {"message": {"$from": "steps.say.text"}}},
+        ]
+    }
+    body = {"server": "demo", "pipeline": pipeline, "items": [{"input": {"word": w}} for w in ("a", "b")]}
+    created = client.post("/v1/jobs", json=body)
+    assert created.status_code == 201, created.text
+    job_id = created.json()["job_id"]
+    status = wait_done(client, job_id)
+    assert status["failed"] == 2
+    assert status["failures"] == [{"step": "shout", "error_type": "tool_error", "count": 2}]
+    page = client.get(f"/v1/jobs/{job_id}/results", params={"step": "shout"}).json()
+    assert [r["error"]["message"] for r in page["results"]] == [f"Error executing tool fail: {w}" for w in "ab"]
+    assert [r["error"]["context"]["completed_steps"] for r in page["results"]] == [["say"], ["say"]]
+    assert client.get(f"/v1/jobs/{job_id}/results", params={"step": "say"}).json()["results"] == []
+
+    own_steps = {
+        "server": "demo",
+        "items": [{"steps": [{"name": "x", "tool": "echo", "arguments": {"text": "hi"}}]}],
+    }
+    created = client.post("/v1/jobs", json=own_steps)
+    assert created.status_code == 201, created.text
+    assert wait_done(client, created.json()["job_id"])["succeeded"] == 1
+
+    bad = {**body, "pipeline": {"steps": [*pipeline["steps"], pipeline["steps"][0]]}}
+    refused = client.post("/v1/jobs", json=bad)
+    assert refused.status_code == 422 and "duplicate step name" in refused.text
+    unknown = {**body, "pipeline": {"steps": [{"name": "x", "tool": "nope"}]}}
+    refused = client.post("/v1/jobs", json=unknown)
+    assert refused.status_code == 422 and "pipeline: step 'x': unknown tool 'nope'" in refused.text
