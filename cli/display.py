@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
@@ -47,6 +48,17 @@ def print_status(console: Console, job: JobStatus) -> None:
         table.add_row("degraded", str(job.degraded))
     console.print(table)
     print_failures(console, job)
+
+
+def print_steps(console: Console, outcomes: Mapping[str, Mapping[str, int]]) -> None:
+    """Per step of a pipeline job: how many items it succeeded, degraded, failed or did not run for."""
+    table = Table(title="steps")
+    statuses = ("succeeded", "degraded", "failed", "not_run")
+    for column in ("step", *statuses):
+        table.add_column(column)
+    for step, counts in outcomes.items():
+        table.add_row(step, *(str(counts.get(status, 0)) for status in statuses))
+    console.print(table)
 
 
 def print_failures(console: Console, job: JobStatus) -> None:

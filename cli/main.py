@@ -299,6 +299,9 @@ def demo(
     items: Annotated[int, typer.Option("--items", "-n", min=1, help="Items in the demo job.")] = 2000,
     workers: Annotated[int, typer.Option("--workers", "-w", min=1, help="Worker processes.")] = 2,
     transport: Annotated[str, typer.Option(help="Demo server transport: stdio or http.")] = "http",
+    pipeline: Annotated[
+        bool, typer.Option("--pipeline", help="Three-step pipeline items: fetch → parse → score (optional).")
+    ] = False,
 ) -> None:
     """Run a real job end to end: embedded Redis, the demo MCP server, workers, progress, summary."""
     from cli import processes
@@ -306,7 +309,7 @@ def demo(
     with _errors_as_one_line():
         if transport not in ("stdio", "http"):
             raise Failure(f"--transport must be stdio or http, not {transport!r}")
-        processes.demo(items=items, workers=workers, transport=transport, console=console)
+        processes.demo(items=items, workers=workers, transport=transport, console=console, pipeline=pipeline)
 
 
 @app.command()

@@ -6,6 +6,7 @@ Everything started here binds 127.0.0.1 and is stopped by its pid.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import signal
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +28,7 @@ from cli.commands import open_store, submit, watch_job
 from shared.embedded import EmbeddedRedis, read_embedded
 from shared.errors import ToolswarmError
 from shared.settings import CONFIG_ENV, Settings, load_settings
+from shared.store import JobStore
 from workers.runtime import PARENT_PID_ENV
 
 WORKER_STOP_GRACE_S = 15.0
@@ -166,6 +169,44 @@ def demo_items(count: int, seed: int = 7) -> list[str]:
     return lines
 
 
+# The pipeline demo: fetch a generated document, parse it, score it. Scoring is optional (it fails
+# for some documents and falls back to no score); fetching is not (some ids do not exist).
+DEMO_PIPELINE = {
+    "steps": [
+        {"name": "fetch", "tool": "fetch", "arguments": {"doc_id": {"$from": "input.doc"}}},
+        {"name": "parse", "tool": "parse", "arguments": {"text": {"$from": "steps.fetch.text"}}},
+        {
+            "name": "score",
+            "tool": "score",
+            "arguments": {
+                "words": {"$from": "steps.parse.structured.words"},
+                "sentences": {"$from": "steps.parse.structured.sentences"},
+            },
+            "critical": False,
+            "fallback": {"score": None},
+        },
+    ]
+}
+MISSING_DOCUMENT_EVERY = 40
+
+
+def demo_pipeline_items(count: int) -> list[str]:
+    """One document per line; every 40th names a document that does not exist."""
+    return [
+        json.dumps({"input": {"doc": -i if i % MISSING_DOCUMENT_EVERY == MISSING_DOCUMENT_EVERY - 1 else i}})
+        for i in range(count)
+    ]
+
+
+async def step_outcomes(store: JobStore, job_id: str) -> dict[str, Counter[str]]:
+    """How each step of a pipeline job's items ended: step -> status -> items."""
+    outcomes: dict[str, Counter[str]] = {}
+    async for record in store.results(job_id):
+        for step in record.steps or []:
+            outcomes.setdefault(step.name, Counter())[step.status] += 1
+    return outcomes
+
+
 def demo_config(transport: str, port: int) -> str:
     if transport == "http":
         server = f'transport = "http"\nurl = "http://127.0.0.1:{port}/mcp"\n'
@@ -174,15 +215,20 @@ def demo_config(transport: str, port: int) -> str:
     return f"[servers.demo]\n{server}max_concurrency = 64\ntimeout_s = 10\n"
 
 
-def demo(*, items: int, workers: int, transport: str, console: Console) -> None:
-    """Start everything, run a job of ``items`` mixed calls with a progress bar, summarise, tear down."""
+def demo(*, items: int, workers: int, transport: str, console: Console, pipeline: bool = False) -> None:
+    """Start everything, run a job of ``items`` mixed calls (or, with ``pipeline``, three-step
+    pipeline items) with a progress bar, summarise, tear down."""
     with tempfile.TemporaryDirectory(prefix="toolswarm-demo-") as tmp, sigterm_as_stop():
         workdir = Path(tmp)
         port = free_port()
         config_file = workdir / "toolswarm.toml"
         config_file.write_text(demo_config(transport, port), encoding="utf-8")
         items_file = workdir / "items.jsonl"
-        items_file.write_text("\n".join(demo_items(items)) + "\n", encoding="utf-8")
+        lines = demo_pipeline_items(items) if pipeline else demo_items(items)
+        items_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        pipeline_file = workdir / "pipeline.json" if pipeline else None
+        if pipeline_file is not None:
+            pipeline_file.write_text(json.dumps(DEMO_PIPELINE), encoding="utf-8")
         os.environ[CONFIG_ENV] = str(config_file)
         os.environ.pop("TOOLSWARM_BROKER_URL", None)
         os.environ["TOOLSWARM_STATE_DIR"] = str(workdir / "state")
@@ -206,13 +252,22 @@ def demo(*, items: int, workers: int, transport: str, console: Console) -> None:
             worker_processes = [spawn_worker(dict(os.environ), "WARNING", f"demo{i}") for i in range(workers)]
             processes[:0] = worker_processes
             asyncio.run(wait_for_workers(settings, workers))
-            console.print(f"{workers} worker(s) ready; submitting {items} items ({', '.join(DEMO_TOOLS)})")
-            submitted = submit(settings, items_file, server="demo")
+            if pipeline_file is None:
+                console.print(
+                    f"{workers} worker(s) ready; submitting {items} items ({', '.join(DEMO_TOOLS)})"
+                )
+            else:
+                chain = " → ".join(step["name"] for step in DEMO_PIPELINE["steps"])
+                console.print(f"{workers} worker(s) ready; submitting {items} pipeline items ({chain})")
+            submitted = submit(settings, items_file, pipeline_file=pipeline_file, server="demo")
 
             async def follow() -> None:
                 async with open_store(settings) as store:
                     job = await watch_job(store, submitted.job_id, console)
-                display.print_summary(console, job)
+                    display.print_summary(console, job)
+                    if pipeline_file is not None:
+                        display.print_steps(console, await step_outcomes(store, submitted.job_id))
+                        display.print_failures(console, job)
 
             asyncio.run(follow())
         except (KeyboardInterrupt, Stop):

@@ -92,8 +92,10 @@ def build_server(record_path: str | None = None) -> MCPServer:
 
     @server.tool()
     async def fetch(doc_id: int, ctx: Context) -> str:
-        """The text of a (generated) document."""
+        """The text of a (generated) document; ids below 0 do not exist."""
         record(ctx, "fetch")
+        if doc_id < 0:
+            raise ToolError(f"no document {doc_id}")
         return document(doc_id)
 
     @server.tool()

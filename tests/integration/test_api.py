@@ -215,7 +215,9 @@ def test_pipelines_through_the_api(api: tuple[Cluster, httpx2.Client]) -> None:
     assert status["failed"] == 2
     assert status["failures"] == [{"step": "shout", "error_type": "tool_error", "count": 2}]
     page = client.get(f"/v1/jobs/{job_id}/results", params={"step": "shout"}).json()
-    assert [r["error"]["message"] for r in page["results"]] == [f"Error executing tool fail: {w}" for w in "ab"]
+    assert [r["error"]["message"] for r in page["results"]] == [
+        f"Error executing tool fail: {w}" for w in "ab"
+    ]
     assert [r["error"]["context"]["completed_steps"] for r in page["results"]] == [["say"], ["say"]]
     assert client.get(f"/v1/jobs/{job_id}/results", params={"step": "say"}).json()["results"] == []
 

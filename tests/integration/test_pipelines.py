@@ -6,6 +6,8 @@ import itertools
 import json
 import os
 import signal
+import subprocess
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -244,3 +246,23 @@ def test_killed_workers_never_rerun_a_checkpointed_step(
         if len(calls["two"]) > 1 or len(calls["three"]) > 1:
             resumed += len(calls["one"]) == 1
     assert resumed > 0, "some item was taken over after its first step and resumed without repeating it"
+
+
+def test_demo_runs_a_pipeline_and_reports_by_step(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOOLSWARM_")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+    out = subprocess.run(
+        [sys.executable, "-m", "cli", "demo", "--pipeline", "-n", "120", "-w", "1", "--transport", "stdio"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    text = " ".join(out.stdout.split())
+    assert "117 succeeded, 3 failed" in text, out.stdout
+    assert "of the succeeded degraded" in text
+    cells = " ".join(out.stdout.replace("│", " ").split())
+    for row in ("fetch 117 0 3 0", "parse 117 0 0 3", "fetch tool_error 3"):
+        assert row in cells, out.stdout
