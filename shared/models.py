@@ -101,10 +101,6 @@ class ItemSpec(BaseModel):
             raise ValueError("; ".join(problems))
         return self
 
-    @property
-    def is_pipeline(self) -> bool:
-        return self.steps is not None or self.tool is None
-
 
 class JobSpec(BaseModel):
     """What a caller submits. ``server`` and ``tool`` fill in items that omit them; ``pipeline``
