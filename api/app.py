@@ -122,18 +122,19 @@ def to_job_spec(body: JobIn, idempotency_key: str | None) -> JobSpec:
     ]
     if errors:
         raise _Invalid(errors)
+    items: list[ItemSpec] = []
+    item_errors: list[dict[str, Any]] = []
+    for i, item in enumerate(body.items):
+        fields = item.model_dump(exclude_unset=True)
+        if item.steps is None and body.pipeline is None:
+            fields["tool"] = item.tool or body.tool
+        try:
+            items.append(ItemSpec.model_validate(fields))
+        except ValidationError as exc:
+            item_errors += [{"loc": ["body", "items", i, *e["loc"]], "msg": e["msg"]} for e in exc.errors()]
+    if item_errors:
+        raise _Invalid(item_errors)
     try:
-        items = [
-            ItemSpec.model_validate(
-                item.model_dump(exclude_unset=True)
-                | (
-                    {}
-                    if item.steps is not None or body.pipeline is not None
-                    else {"tool": item.tool or body.tool}
-                )
-            )
-            for item in body.items
-        ]
         return JobSpec(
             items=items,
             server=body.server,

@@ -191,7 +191,7 @@ def resolve_items(spec: JobSpec, settings: Settings) -> list[ItemSpec]:
     for number, item in enumerate(spec.items, start=1):
         where = item.where(number)
         if pipeline is not None:
-            if item.tool is not None or item.steps is not None or item.arguments:
+            if item.tool is not None or item.steps is not None or item.arguments or item.server:
                 errors.append(f"{where}: the job has a pipeline: an item carries only input and key")
                 continue
             resolved.append(item.model_copy(update={"server": pipeline.steps[0].server}))
@@ -203,6 +203,9 @@ def resolve_items(spec: JobSpec, settings: Settings) -> list[ItemSpec]:
             continue
         if item.tool is None and spec.tool is None:
             errors.append(f"{where}: no tool (name one on the item or for the whole job, or give steps)")
+            continue
+        if item.input is not None:
+            errors.append(f"{where}: input is for pipeline items (give steps, or the job a pipeline)")
             continue
         server = item.server or spec.server
         if not server:
@@ -250,7 +253,7 @@ class ArgumentChecker:
         references = list(find_references(arguments))
         found = []
         for problem in sorted(validator.iter_errors(arguments), key=lambda e: list(e.path)):
-            if within_reference(problem.path, references):
+            if within_reference(problem.path, references, str(problem.validator)):
                 continue
             location = ".".join(["arguments", *(str(p) for p in problem.path)])
             found.append(f"{where}: {location}: {problem.message}")

@@ -14,8 +14,9 @@ ItemStatus = Literal["succeeded", "failed", "cancelled"]
 StepStatus = Literal["succeeded", "failed", "degraded", "not_run"]
 JobState = Literal["pending", "running", "finished", "cancelled"]
 StateMode = Literal["cas", "log"]
-# Step names go into JMESPath (steps.NAME), Redis hash fields and idempotency keys: keep them plain.
-STEP_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$"
+# Step names go into JMESPath (steps.NAME, unquoted), Redis hash fields and idempotency keys:
+# identifiers only.
+STEP_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
 
 
 class StepSpec(BaseModel):

@@ -21,7 +21,7 @@ SCOPE_ROOTS = ("input", "steps")
 
 # Node types whose first child is evaluated against the same value as the node itself; the others
 # (projections' right side, filter conditions, pipes' right side) see something else.
-_FIRST_CHILD_IN_SCOPE = {"index_expression", "projection", "value_projection", "flatten", "pipe"}
+_FIRST_CHILD_IN_SCOPE = {"index_expression", "projection", "value_projection", "flatten"}
 _ALL_CHILDREN_IN_SCOPE = {
     "function_expression",
     "multi_select_list",
@@ -68,22 +68,51 @@ def compiled(expression: str) -> ParsedResult:
     return jmespath.compile(expression)
 
 
+def _chain(node: Mapping[str, Any]) -> list[str] | None:
+    """The path a node reads if it is a plain chain of fields (``@`` being the empty chain)."""
+    kind = node["type"]
+    if kind in ("current", "identity"):
+        return []
+    if kind == "field":
+        return [node["value"]]
+    if kind == "subexpression":
+        path: list[str] = []
+        for child in node["children"]:
+            sub = _chain(child)
+            if sub is None:
+                return None
+            path += sub
+        return path
+    return None
+
+
 def scope_paths(node: Mapping[str, Any]) -> Iterator[list[str]]:
     """The field chains of a parsed expression that are read from the scope itself: for
-    ``join(',', steps.fetch.content[].text)`` that is ``["steps", "fetch", "content"]``."""
+    ``join(',', steps.fetch.content[].text)`` that is ``["steps", "fetch", "content"]``, and for
+    ``steps.{a: fetch.text}`` it is ``["steps", "fetch", "text"]``."""
     kind = node["type"]
     children: list[Mapping[str, Any]] = node.get("children", [])
-    if kind == "field":
-        yield [node["value"]]
-    elif kind == "subexpression":
-        head, *rest = children
-        for path in scope_paths(head):
-            if head["type"] in ("field", "subexpression"):
-                for child in rest:
-                    if child["type"] != "field":
-                        break
-                    path = [*path, child["value"]]
-            yield path
+    chain = _chain(node)
+    if chain is not None:
+        if chain:
+            yield chain
+        return
+    if kind in ("subexpression", "pipe"):
+        prefix: list[str] = []
+        for position, child in enumerate(children):
+            sub = _chain(child)
+            if sub is None:
+                if position == 0:  # what follows reads this child's value, not the scope
+                    yield from scope_paths(child)
+                    return
+                if prefix:
+                    yield prefix
+                for path in scope_paths(child):
+                    yield [*prefix, *path]
+                return
+            prefix += sub
+        if prefix:
+            yield prefix
     elif kind in _FIRST_CHILD_IN_SCOPE or kind == "filter_projection":
         yield from scope_paths(children[0])
     elif kind in _ALL_CHILDREN_IN_SCOPE:
@@ -131,8 +160,18 @@ def resolve(value: Any, scope: Mapping[str, Any]) -> Any:
     return value
 
 
-def within_reference(path: Collection[str | int], references: Collection[Reference]) -> bool:
-    """Whether a location in the arguments is a reference or inside one (its value is not known
-    until run time, so a schema complaint about it waits until then)."""
+# Schema keywords that judge a value by its parts: their complaint about a value holding a
+# reference is about what the reference will give, unknown until run time.
+_COMBINATORS = {"anyOf", "oneOf", "allOf", "not", "if", "then", "else"}
+
+
+def within_reference(
+    path: Collection[str | int], references: Collection[Reference], keyword: str | None = None
+) -> bool:
+    """Whether a schema complaint at ``path`` (by ``keyword``) is about a reference's value: the
+    location is a reference or inside one, or a combinator judged a value that holds one. It
+    waits until run time, when the reference is resolved."""
     located = tuple(path)
-    return any(located[: len(r.path)] == r.path for r in references)
+    if any(located[: len(r.path)] == r.path for r in references):
+        return True
+    return keyword in _COMBINATORS and any(r.path[: len(located)] == located for r in references)

@@ -92,6 +92,11 @@ FETCH = step("fetch")
             id="literal-argument-type",
         ),
         pytest.param(
+            [GOOD, json.dumps({"tool": "echo", "arguments": {"text": "x"}, "input": {"doc": 1}})],
+            ["line 2: input is for pipeline items"],
+            id="input-on-a-single-call",
+        ),
+        pytest.param(
             [steps_line(FETCH, {**step("elsewhere"), "server": "nope"})],
             ["line 1: step 'elsewhere': unknown server 'nope' (known: demo)"],
             id="unknown-server",

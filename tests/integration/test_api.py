@@ -232,6 +232,13 @@ def test_pipelines_through_the_api(api: tuple[Cluster, httpx2.Client]) -> None:
     bad = {**body, "pipeline": {"steps": [*pipeline["steps"], pipeline["steps"][0]]}}
     refused = client.post("/v1/jobs", json=bad)
     assert refused.status_code == 422 and "duplicate step name" in refused.text
+    twice = {"name": "x", "tool": "echo", "arguments": {"text": "hi"}}
+    refused = client.post(
+        "/v1/jobs", json={"server": "demo", "items": [{"tool": "echo"}, {"steps": [twice, twice]}]}
+    )
+    assert refused.status_code == 422
+    [error] = refused.json()["errors"]
+    assert error["loc"] == ["body", "items", 1] and "step 'x': duplicate step name" in error["msg"]
     unknown = {**body, "pipeline": {"steps": [{"name": "x", "tool": "nope"}]}}
     refused = client.post("/v1/jobs", json=unknown)
     assert refused.status_code == 422 and "pipeline: step 'x': unknown tool 'nope'" in refused.text
