@@ -31,9 +31,12 @@ sys.path.insert(0, str(ROOT))
 from bench.throughput import fmt, run_like_a_worker  # noqa: E402
 from cli.commands import open_store, submit  # noqa: E402
 from cli.processes import free_port, stop_processes  # noqa: E402
+from shared.committer import Checkpointer  # noqa: E402
 from shared.embedded import EmbeddedRedis  # noqa: E402
 from shared.mcp_client import build_client, http_client_for  # noqa: E402
+from shared.models import StepRecord  # noqa: E402
 from shared.settings import ServerConfig, Settings, WorkerSettings, load_settings  # noqa: E402
+from shared.store import Checkpoint  # noqa: E402
 from tests.harness import Cluster, http_demo, make_cluster, start_demo_http  # noqa: E402
 from workers.tuning import tune_gc  # noqa: E402
 
@@ -104,6 +107,24 @@ def swarm(cluster: Cluster, settings: Settings, items: int, workdir: Path, check
     return items / elapsed
 
 
+async def idle_checkpoint_ms(settings: Settings, samples: int = 500) -> float:
+    """p50 of a checkpoint with nothing else running: the script call alone, for scale."""
+    async with open_store(settings) as store:
+        checkpointer = Checkpointer(store)
+        job_id = "bench-idle-checkpoints"
+        await store.client.hset(store.keys.job(job_id).epochs, mapping={str(i): 1 for i in range(samples)})
+        record = StepRecord(
+            name="first", server="demo", tool="echo", status="succeeded", output={"text": "x"}
+        )
+        timings = []
+        for i in range(samples):
+            began = time.perf_counter()
+            assert await checkpointer.checkpoint(Checkpoint(job_id, i, 1, record))
+            timings.append((time.perf_counter() - began) * 1000)
+        await store.client.delete(*store.keys.job(job_id).all())
+        return statistics.median(timings)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -149,6 +170,7 @@ def main() -> None:
                     run_like_a_worker(direct(config, args.items, args.concurrency, args.workers))
                 )
                 swarm_rates.append(swarm(cluster, settings, args.items, workdir, checkpoints))
+            idle = run_like_a_worker(idle_checkpoint_ms(settings))
         finally:
             cluster.stop_workers()
             stop_processes([server], grace_s=5)
@@ -158,7 +180,10 @@ def main() -> None:
     p99 = statistics.quantiles(checkpoints, n=100)[98]
     print(f"direct (3 chained calls per item, c={args.concurrency}): {d:8.1f} items/s  {fmt(direct_rates)}")
     print(f"swarm  ({args.workers} workers, submit→committed):    {s:8.1f} items/s  {fmt(swarm_rates)}")
-    print(f"checkpoints: {len(checkpoints)} timed, p50 {p50:.2f} ms, p99 {p99:.2f} ms")
+    print(
+        f"checkpoints: {len(checkpoints)} timed, p50 {p50:.2f} ms, p99 {p99:.2f} ms; "
+        f"one at a time on an idle loop, p50 {idle:.2f} ms"
+    )
     print(f"pipeline: swarm/direct={s / d:.2f} checkpoint_ms_p50={p50:.2f}")
 
 
