@@ -18,7 +18,16 @@ from shared.embedded import redis_url
 from shared.errors import JobNotFound, JobSpecError, RedisUnavailable
 from shared.jobs import Enqueuer, resolve_items, submit_job
 from shared.keys import Keys
-from shared.models import ItemSpec, JobSpec, JobStatus, PipelineSpec, ResultRecord, StateMode, StepSpec
+from shared.models import (
+    ItemSpec,
+    JobSpec,
+    JobStatus,
+    PipelineSpec,
+    ReduceSpec,
+    ResultRecord,
+    StateMode,
+    StepSpec,
+)
 from shared.settings import RetryPolicy, Settings
 from shared.store import JobStore, connect, ping
 
@@ -46,6 +55,7 @@ class JobIn(BaseModel):
     server: str | None = None
     tool: str | None = None
     pipeline: PipelineSpec | None = Field(default=None, description="Steps applied to every item's input.")
+    reduce: ReduceSpec | None = Field(default=None, description="One call over the job summary, at the end.")
     chunk_size: int | None = Field(default=None, ge=1, le=10_000)
     state_mode: StateMode | None = None
     retry: RetryPolicy | None = Field(default=None, description="Overrides the servers' retry policies.")
@@ -140,6 +150,7 @@ def to_job_spec(body: JobIn, idempotency_key: str | None) -> JobSpec:
             server=body.server,
             tool=body.tool,
             pipeline=body.pipeline,
+            reduce=body.reduce,
             chunk_size=body.chunk_size,
             state_mode=body.state_mode,
             idempotency_key=idempotency_key,
@@ -243,11 +254,20 @@ def create_api(
         page, next_index = await store().results_page(job_id, int(cursor or 0), limit, status, step)
         return ResultsPage(results=page, next_cursor=None if next_index is None else str(next_index))
 
+    @api.get("/v1/jobs/{job_id}/reduce", response_model=ResultRecord, dependencies=[Auth])
+    async def get_reduce(job_id: str) -> ResultRecord:
+        """The job's reduce record, once it has settled."""
+        record = await store().reduce_record(job_id)
+        if record is None:
+            raise HTTPException(404, f"job {job_id} has no reduce, or it has not settled yet")
+        return record
+
     @api.post("/v1/jobs/{job_id}/cancel", response_model=JobStatus, dependencies=[Auth])
-    async def cancel(job_id: str) -> JobStatus:
+    async def cancel(job_id: str, reduce: bool = True) -> JobStatus:
+        """Cancel; ``reduce=false`` cancels the job's reduce too instead of running it."""
         from shared.jobs import cancel_job
 
-        return await cancel_job(store(), job_id)
+        return await cancel_job(store(), job_id, state["enqueuer"], run_reduce=reduce)
 
     @api.get("/v1/jobs/{job_id}/events", dependencies=[Auth], response_class=StreamingResponse)
     async def job_events(

@@ -23,6 +23,7 @@ from shared.jobs import (
     cancel_job,
     read_items_file,
     read_pipeline_file,
+    read_reduce_file,
     resolve_items,
     submit_job,
 )
@@ -55,6 +56,7 @@ def submit(
     items_file: Path,
     *,
     pipeline_file: Path | None = None,
+    reduce_file: Path | None = None,
     server: str | None = None,
     tool: str | None = None,
     idempotency_key: str | None = None,
@@ -64,6 +66,7 @@ def submit(
     retry_attempts: int | None = None,
 ) -> Submitted:
     pipeline = read_pipeline_file(pipeline_file) if pipeline_file is not None else None
+    reduce = read_reduce_file(reduce_file) if reduce_file is not None else None
     items = read_items_file(
         items_file, default_server=server, default_tool=tool, pipeline=pipeline is not None
     )
@@ -72,6 +75,7 @@ def submit(
             {
                 "items": items,
                 "pipeline": pipeline,
+                "reduce": reduce,
                 "server": server,
                 "tool": tool,
                 "idempotency_key": idempotency_key,
@@ -114,10 +118,21 @@ def status(settings: Settings, job_id: str) -> JobStatus:
     return asyncio.run(go())
 
 
-def cancel(settings: Settings, job_id: str) -> JobStatus:
+def cancel(settings: Settings, job_id: str, run_reduce: bool = True) -> JobStatus:
     async def go() -> JobStatus:
+        from workers.app import CeleryEnqueuer, create_app
+
         async with open_store(settings) as store:
-            return await cancel_job(store, job_id)
+            enqueuer = CeleryEnqueuer(create_app(settings), store.keys)
+            return await cancel_job(store, job_id, enqueuer, run_reduce=run_reduce)
+
+    return asyncio.run(go())
+
+
+def reduce_record(settings: Settings, job_id: str) -> ResultRecord | None:
+    async def go() -> ResultRecord | None:
+        async with open_store(settings) as store:
+            return await store.reduce_record(job_id)
 
     return asyncio.run(go())
 

@@ -46,6 +46,11 @@ def print_status(console: Console, job: JobStatus) -> None:
         table.add_row("restored_items", str(job.restored_items))
     if job.degraded:
         table.add_row("degraded", str(job.degraded))
+    if job.reduce is not None:
+        reduce = job.reduce.status + (
+            f" ({job.reduce.error.type}: {job.reduce.error.message})" if job.reduce.error else ""
+        )
+        table.add_row("reduce", reduce)
     console.print(table)
     print_failures(console, job)
 

@@ -85,6 +85,12 @@ def submit(
         Path | None,
         typer.Option(help='A pipeline file ({"steps": [...]}) applied to every line of the items file.'),
     ] = None,
+    reduce: Annotated[
+        Path | None,
+        typer.Option(
+            help='A reduce file ({"tool", "arguments", ...}): one call over the job summary, at the end.'
+        ),
+    ] = None,
     server: Annotated[str | None, typer.Option(help="Server for items that name none.")] = None,
     tool: Annotated[str | None, typer.Option(help="Tool for items that name none.")] = None,
     idempotency_key: Annotated[
@@ -112,6 +118,7 @@ def submit(
             settings(),
             items_file,
             pipeline_file=pipeline,
+            reduce_file=reduce,
             server=server,
             tool=tool,
             idempotency_key=idempotency_key,
@@ -185,12 +192,21 @@ def results(
     step: Annotated[
         str | None, typer.Option("--step", help="Only failed items, whose failing step is this one.")
     ] = None,
+    reduce: Annotated[
+        bool, typer.Option("--reduce", help="The job's reduce record instead of items.")
+    ] = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Print one result record per line (JSON)."""
     from cli import commands
 
     with _errors_as_one_line():
+        if reduce:
+            record = commands.reduce_record(settings(), job_id)
+            if record is None:
+                raise Failure(f"job {job_id} has no reduce, or it has not settled yet")
+            print(record.model_dump_json(exclude_none=True))
+            return
         if status_filter not in (None, "succeeded", "failed", "cancelled"):
             raise Failure(f"--status must be succeeded, failed or cancelled, not {status_filter!r}")
         if step is not None and status_filter not in (None, "failed"):
@@ -202,12 +218,18 @@ def results(
 
 
 @app.command()
-def cancel(job_id: str, as_json: JsonFlag = False) -> None:
+def cancel(
+    job_id: str,
+    run_reduce: Annotated[
+        bool, typer.Option("--reduce/--no-reduce", help="Still run the job's reduce over what settled.")
+    ] = True,
+    as_json: JsonFlag = False,
+) -> None:
     """Cancel a job: unsettled items end as cancelled, running ones' late results are refused."""
     from cli import commands
 
     with _errors_as_one_line():
-        job = commands.cancel(settings(), job_id)
+        job = commands.cancel(settings(), job_id, run_reduce)
         if as_json:
             print(job.model_dump_json())
         else:

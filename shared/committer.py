@@ -15,6 +15,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 
 from shared.batching import Coalescer
+from shared.jobs import Enqueuer, send_reduce
 from shared.settings import StateSettings
 from shared.store import Checkpoint, CommitOutcome, JobStore, Settlement
 
@@ -42,9 +43,16 @@ async def riding_out_restarts(attempt_commit: Callable[[], Awaitable[T]]) -> T:
 class BatchCommitter:
     """Coalesces commits from many concurrent items into one script call per job per round trip."""
 
-    def __init__(self, store: JobStore, max_batch: int = 256, snapshots: StateSettings | None = None) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        max_batch: int = 256,
+        snapshots: StateSettings | None = None,
+        enqueuer: Enqueuer | None = None,
+    ) -> None:
         self.store = store
         self.snapshots = snapshots or StateSettings()
+        self.enqueuer = enqueuer  # sends a job's reduce when a batch settles its last item
         self._batches: Coalescer[tuple[str, Settlement], bool] = Coalescer(
             self._commit_batch, max_batch, linger_s=BATCH_LINGER_S
         )
@@ -64,6 +72,8 @@ class BatchCommitter:
             outcome = await self._commit_job(job_id, [entries[p][1] for p in positions])
             for position, ok in zip(positions, outcome.landed, strict=True):
                 landed[position] = ok
+            if outcome.reduce_chunk is not None:
+                await send_reduce(self.enqueuer, outcome.reduce_chunk)
             if outcome.unsnapshotted and self._snapshot_due(
                 job_id, outcome.unsnapshotted, outcome.job_finished
             ):

@@ -158,8 +158,9 @@ async def sweep(store: JobStore, enqueuer: Enqueuer, settings: Settings) -> int:
         if coverage is None or coverage.state in ("finished", "cancelled"):
             await store.client.srem(store.keys.active, job_id)
             continue
-        if coverage.cancel_requested:  # a cancel that died half-way: finish it rather than rerun items
-            await cancel_job(store, job_id)
+        if coverage.cancel_requested and coverage.unsettled > 0:
+            # A cancel that died half-way: finish it rather than rerun items.
+            await cancel_job(store, job_id, enqueuer)
             continue
         now = now_ms()
         stranded = coverage.stranded(in_broker)

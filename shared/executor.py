@@ -13,6 +13,7 @@ from shared.errors import RedisUnavailable
 from shared.execution import CALLING, RELEASED, WAITING, ChunkHandedBack, Draining, ExecutionContext
 from shared.jobs import feed_next
 from shared.models import Chunk, ChunkReport, ResultRecord, StepRecord, StepSpec, item_id
+from shared.reduce import run_reduce
 from shared.settings import RetryPolicy
 from shared.steps import run_pipeline
 from shared.store import Claim, JobPlan, Settlement, now_ms
@@ -90,9 +91,12 @@ async def run_item(
     member = item_id(job_id, claim.index)
     try:
         steps = steps_of(claim, plan)
-        if steps is None:
-            record = await call_item(ctx, job_id, claim, plan.retry, urgent)
+        if plan.reduce is not None and claim.index == plan.total:
+            record = await run_reduce(ctx, job_id, claim, plan)
             names: list[str] = []
+        elif steps is None:
+            record = await call_item(ctx, job_id, claim, plan.retry, urgent)
+            names = []
         else:
             pipeline_result = await run_pipeline(
                 ctx, job_id, claim, steps, checkpointed or {}, plan.retry, urgent

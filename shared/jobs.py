@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections import defaultdict
@@ -16,11 +17,23 @@ from jsonschema import Draft202012Validator
 from pydantic import ValidationError
 
 from shared.errors import JobNotFound, JobSpecError
-from shared.models import Chunk, ItemSpec, JobSpec, JobStatus, PipelineSpec, ResultRecord, StepSpec, item_id
+from shared.models import (
+    Chunk,
+    ItemSpec,
+    JobSpec,
+    JobStatus,
+    PipelineSpec,
+    ReduceSpec,
+    ResultRecord,
+    StepSpec,
+    item_id,
+)
 from shared.probes import ProbeFailed, tool_schemas
 from shared.refs import find_references, within_reference
 from shared.settings import Settings, describe_validation_error
 from shared.store import JobStore, Settlement, now_ms
+
+log = logging.getLogger(__name__)
 
 MAX_REPORTED_ERRORS = 20
 CANCEL_BATCH = 1000
@@ -134,20 +147,31 @@ def read_items_file(path: str | Path, **options: Any) -> list[ItemSpec]:
     return parse_items_lines(text.splitlines(), **options)
 
 
+def read_json_file(path: str | Path, what: str) -> Any:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8-sig"))
+    except FileNotFoundError:
+        raise JobSpecError(f"{what} file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise JobSpecError(f"cannot read {what} file {path}: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise JobSpecError(f"{what} file {path}: invalid JSON: {exc.msg} (line {exc.lineno})") from None
+
+
 def read_pipeline_file(path: str | Path) -> PipelineSpec:
     """A pipeline file: ``{"steps": [...]}``, checked as a whole (names, references)."""
     try:
-        raw = json.loads(Path(path).read_text(encoding="utf-8-sig"))
-    except FileNotFoundError:
-        raise JobSpecError(f"pipeline file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise JobSpecError(f"cannot read pipeline file {path}: {exc}") from None
-    except json.JSONDecodeError as exc:
-        raise JobSpecError(f"pipeline file {path}: invalid JSON: {exc.msg} (line {exc.lineno})") from None
-    try:
-        return PipelineSpec.model_validate(raw)
+        return PipelineSpec.model_validate(read_json_file(path, "pipeline"))
     except ValidationError as exc:
         raise JobSpecError(f"pipeline file {path}: {describe_validation_error(exc)}") from None
+
+
+def read_reduce_file(path: str | Path) -> ReduceSpec:
+    """A reduce file: ``{"tool", "server"?, "arguments", "timeout_s"?, "retry"?}``."""
+    try:
+        return ReduceSpec.model_validate(read_json_file(path, "reduce"))
+    except ValidationError as exc:
+        raise JobSpecError(f"reduce file {path}: {describe_validation_error(exc)}") from None
 
 
 def resolve_steps(
@@ -182,10 +206,23 @@ def resolve_pipeline(spec: JobSpec, settings: Settings) -> PipelineSpec | None:
     return PipelineSpec(steps=steps)
 
 
+def resolve_reduce(spec: JobSpec, settings: Settings) -> ReduceSpec | None:
+    """The job's reduce with its server resolved (its own, else the job's); JobSpecError if unknown."""
+    if spec.reduce is None:
+        return None
+    server = spec.reduce.server or spec.server
+    if not server:
+        raise JobSpecError("reduce: no server (name one on the reduce or for the whole job)")
+    if server not in settings.servers:
+        raise JobSpecError(f"reduce: {unknown_server(server, settings)}")
+    return spec.reduce.model_copy(update={"server": server})
+
+
 def resolve_items(spec: JobSpec, settings: Settings) -> list[ItemSpec]:
     """Give every item (and every step) its server, checking servers against the registry (an
     allow-list). A pipeline item is queued for its first step's server."""
     pipeline = resolve_pipeline(spec, settings)
+    resolve_reduce(spec, settings)
     resolved: list[ItemSpec] = []
     errors: list[str] = []
     for number, item in enumerate(spec.items, start=1):
@@ -268,12 +305,18 @@ class ArgumentChecker:
 
 
 async def validate_arguments(
-    items: Sequence[ItemSpec], settings: Settings, store: JobStore, pipeline: PipelineSpec | None = None
+    items: Sequence[ItemSpec],
+    settings: Settings,
+    store: JobStore,
+    pipeline: PipelineSpec | None = None,
+    reduce: ReduceSpec | None = None,
 ) -> None:
-    """Check every call of the job (each item's, each step's, the pipeline's once) against its
-    tool. Every bad item is reported."""
+    """Check every call of the job (each item's, each step's, the pipeline's and the reduce's once)
+    against its tool. Every bad item is reported."""
     checker = ArgumentChecker(settings, store)
     errors: list[str] = []
+    if reduce is not None:
+        errors += await checker.problems(reduce.server or "", reduce.tool, reduce.arguments, "reduce")
     if pipeline is not None:
         errors += await checker.steps(pipeline.steps, "pipeline")
     for number, item in enumerate(items, start=1):
@@ -308,8 +351,9 @@ async def submit_job(spec: JobSpec, settings: Settings, store: JobStore, enqueue
     """Validate, record and enqueue a job. Nothing is written or enqueued unless all of it is valid."""
     items = resolve_items(spec, settings)
     pipeline = resolve_pipeline(spec, settings)
+    reduce = resolve_reduce(spec, settings)
     if spec.validate_arguments:
-        await validate_arguments(items, settings, store, pipeline)
+        await validate_arguments(items, settings, store, pipeline, reduce)
     await asyncio.to_thread(enqueuer.check)
     job_id = new_job_id()
     if spec.idempotency_key:
@@ -323,7 +367,9 @@ async def submit_job(spec: JobSpec, settings: Settings, store: JobStore, enqueue
         for item in items:
             servers.update(step.server or "" for step in item.steps or ())
         servers.update(step.server or "" for step in (pipeline.steps if pipeline else ()))
-        await store.create_job(job_id, items, servers, state_mode, spec.retry, pipeline)
+        if reduce is not None:
+            servers.add(reduce.server or "")
+        await store.create_job(job_id, items, servers, state_mode, spec.retry, pipeline, reduce)
         chunks = plan_chunks(job_id, items, spec.chunk_size or settings.worker.chunk_size)
         window = await job_window(store, settings)
         await store.push_backlog(job_id, chunks[window:])
@@ -377,11 +423,27 @@ async def _bound_job(store: JobStore, job_id: str) -> JobStatus:
             await asyncio.sleep(0.05)
 
 
-async def cancel_job(store: JobStore, job_id: str) -> JobStatus:
-    """Stop a job: no item starts after this, and every unsettled item settles as cancelled."""
+async def send_reduce(enqueuer: Enqueuer | None, chunk: Chunk) -> None:
+    """Put a job's reduce on its queue. The commit that made it ready recorded it as outstanding, so
+    if this fails (or never happens: no enqueuer, a worker killed here) the coverage sweep sends it."""
+    if enqueuer is None:
+        return
+    try:
+        await asyncio.to_thread(enqueuer.enqueue, [chunk])
+    except Exception as exc:  # the results committed are what matters; the sweep has the reduce
+        log.warning("job %s: could not enqueue its reduce (%s); the coverage sweep will", chunk.job_id, exc)
+
+
+async def cancel_job(
+    store: JobStore, job_id: str, enqueuer: Enqueuer | None = None, *, run_reduce: bool = True
+) -> JobStatus:
+    """Stop a job: no item starts after this, and every unsettled item settles as cancelled. A
+    job's reduce still runs over what settled (cancelled items among the failed), unless
+    ``run_reduce`` is false: then it settles as cancelled too."""
     await store.request_cancel(job_id)
     await store.client.delete(store.keys.job(job_id).backlog)
     status = await store.status(job_id)
+    ready: Chunk | None = None
     for start in range(0, status.total, CANCEL_BATCH):
         indexes = await store.unsettled(job_id, range(start, min(start + CANCEL_BATCH, status.total)))
         if not indexes:
@@ -404,8 +466,29 @@ async def cancel_job(store: JobStore, job_id: str) -> JobStatus:
             )
             for index, spec in specs.items()
         ]
-        await store.commit(job_id, settlements, force=True)
+        ready = (await store.commit(job_id, settlements, force=True)).reduce_chunk or ready
+    if status.reduce is not None and not run_reduce:
+        await _cancel_reduce(store, job_id, status.total)
+    elif ready is not None:
+        await send_reduce(enqueuer, ready)
     return await store.status(job_id)
+
+
+async def _cancel_reduce(store: JobStore, job_id: str, index: int) -> None:
+    specs = await store.item_specs(job_id, [index])
+    if index not in specs or not await store.unsettled(job_id, [index]):
+        return
+    spec = specs[index]
+    record = ResultRecord(
+        item_id=item_id(job_id, index),
+        job_id=job_id,
+        index=index,
+        tool=spec.tool or "",
+        server=spec.server or "",
+        status="cancelled",
+        finished_at_ms=now_ms(),
+    )
+    await store.commit(job_id, [Settlement(record=record, epoch=0)], force=True)
 
 
 def _summarise(errors: list[str]) -> str:

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
-from shared.refs import check_reference, find_references
+from shared.refs import SUMMARY_ROOTS, check_reference, find_references
 from shared.settings import RetryPolicy
 
 ItemStatus = Literal["succeeded", "failed", "cancelled"]
@@ -67,6 +67,31 @@ class PipelineSpec(BaseModel):
         return self
 
 
+class ReduceSpec(BaseModel):
+    """A job's fan-in: one call after every item has settled, whatever failed, whose arguments may
+    refer to the job summary ``{total, successful: [{index, key, output}], failed: [{index, key,
+    error}]}``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tool: str = Field(min_length=1)
+    server: str | None = None
+    arguments: dict[str, Any] = Field(default_factory=dict)
+    timeout_s: float | None = Field(default=None, gt=0)
+    retry: RetryPolicy | None = None
+
+    @model_validator(mode="after")
+    def _valid_references(self) -> ReduceSpec:
+        problems = [
+            problem
+            for reference in find_references(self.arguments)
+            if (problem := check_reference(reference, (), SUMMARY_ROOTS))
+        ]
+        if problems:
+            raise ValueError("reduce: " + "; ".join(problems))
+        return self
+
+
 class ItemSpec(BaseModel):
     """One line of an items file: a tool call (``tool``, ``arguments``), a pipeline of its own
     (``steps``), or, in a job with a job-wide pipeline, only its ``input``."""
@@ -113,6 +138,7 @@ class JobSpec(BaseModel):
     server: str | None = None
     tool: str | None = None
     pipeline: PipelineSpec | None = None
+    reduce: ReduceSpec | None = None
     idempotency_key: str | None = None
     chunk_size: int | None = Field(default=None, ge=1, le=10_000)
     state_mode: StateMode | None = None
@@ -195,6 +221,16 @@ class FailureCount(BaseModel):
     count: int
 
 
+class ReduceStatus(BaseModel):
+    """Where a job's reduce is: ``pending`` until every item has settled, then ``running`` while a
+    worker holds it, then how it ended."""
+
+    status: Literal["pending", "running", "succeeded", "failed", "cancelled"]
+    attempts: int = 0
+    result: CallResult | None = None
+    error: ItemError | None = None
+
+
 class JobStatus(BaseModel):
     job_id: str
     state: JobState
@@ -213,6 +249,7 @@ class JobStatus(BaseModel):
     # Items that succeeded with a non-critical step degraded to its fallback.
     degraded: int = 0
     failures: list[FailureCount] = Field(default_factory=list)  # most frequent first
+    reduce: ReduceStatus | None = None  # jobs with a reduce only
 
     @property
     def settled(self) -> int:

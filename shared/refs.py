@@ -7,7 +7,7 @@ submit, and resolving them at run time.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -17,7 +17,8 @@ from jmespath.exceptions import JMESPathError
 from jmespath.parser import ParsedResult
 
 FROM = "$from"
-SCOPE_ROOTS = ("input", "steps")
+SCOPE_ROOTS = ("input", "steps")  # a pipeline step's scope
+SUMMARY_ROOTS = ("total", "successful", "failed")  # a reduce's scope: the job summary
 
 # Node types whose first child is evaluated against the same value as the node itself; the others
 # (projections' right side, filter conditions, pipes' right side) see something else.
@@ -120,7 +121,9 @@ def scope_paths(node: Mapping[str, Any]) -> Iterator[list[str]]:
             yield from scope_paths(child)
 
 
-def check_reference(reference: Reference, earlier_steps: Collection[str]) -> str | None:
+def check_reference(
+    reference: Reference, earlier_steps: Collection[str], roots: Sequence[str] = SCOPE_ROOTS
+) -> str | None:
     """Why a reference cannot work, or None: bad JMESPath, a name outside the scope, or a step that
     does not run before the one referring to it."""
     expression = reference.expression
@@ -136,10 +139,10 @@ def check_reference(reference: Reference, earlier_steps: Collection[str]) -> str
         return f"{reference.where}: $from {expression!r} is not valid JMESPath ({reason})"
     for path in scope_paths(parsed.parsed):
         root = path[0]
-        if root not in SCOPE_ROOTS:
+        if root not in roots:
             return (
                 f"{reference.where}: $from {expression!r} reads {root!r}, which is not in scope "
-                f"(use {' or '.join(SCOPE_ROOTS)})"
+                f"(use {', '.join(roots[:-1])} or {roots[-1]})"
             )
         if root == "steps" and len(path) > 1 and path[1] not in earlier_steps:
             return (

@@ -90,6 +90,8 @@ class WorkerSettings(_Strict):
     # Coverage sweep: an unsettled item that no queued chunk, backlog entry or lease has covered
     # for this long is enqueued again (urgent).
     stranded_after_s: float = Field(default=10.0, gt=0)
+    # A job's reduce reads the summary of all its items: past this size it fails, saying so.
+    reduce_max_summary_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     shutdown_grace_s: float = Field(default=10.0, ge=0)
     # Broker backstop only (leases do the fast takeover): an unacked message is redelivered after
     # this. Keep it above the longest chunk; an early redelivery is harmless (claims skip live

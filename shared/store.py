@@ -27,6 +27,8 @@ from shared.models import (
     JobState,
     JobStatus,
     PipelineSpec,
+    ReduceSpec,
+    ReduceStatus,
     ResultRecord,
     StateMode,
     StepRecord,
@@ -116,6 +118,8 @@ class JobPlan:
 
     retry: RetryPolicy | None = None
     pipeline: PipelineSpec | None = None
+    reduce: ReduceSpec | None = None
+    total: int = 0
 
 
 @dataclass(frozen=True)
@@ -138,6 +142,7 @@ class CommitOutcome:
     job_finished: bool
     landed: list[bool]
     unsnapshotted: int = 0  # log mode: events appended since the last snapshot
+    reduce_chunk: Chunk | None = None  # this batch settled the last item: the reduce is ready
 
 
 def failure_counts(counts: dict[str, Any]) -> list[FailureCount]:
@@ -180,9 +185,14 @@ class JobStore:
         state_mode: StateMode = "cas",
         retry: RetryPolicy | None = None,
         pipeline: PipelineSpec | None = None,
+        reduce: ReduceSpec | None = None,
     ) -> None:
-        """Write the job record and its items in pipelined batches, then make it visible."""
+        """Write the job record and its items in pipelined batches, then make it visible. A reduce
+        is kept as one more unit after the items (index = total), claimed once they have settled."""
         jk = self.keys.job(job_id)
+        if reduce is not None:
+            unit = ItemSpec(tool=reduce.tool, server=reduce.server, arguments=reduce.arguments)
+            await self.client.hset(jk.items, str(len(items)), unit.model_dump_json(exclude_none=True))
         for start in range(0, len(items), WRITE_BATCH):
             batch = items[start : start + WRITE_BATCH]
             mapping = {
@@ -207,6 +217,14 @@ class JobStore:
                     "version": 0,
                     **({"retry": retry.model_dump_json()} if retry else {}),
                     **({"pipeline": pipeline.model_dump_json(exclude_defaults=True)} if pipeline else {}),
+                    **(
+                        {
+                            "reduce": reduce.model_dump_json(exclude_none=True),
+                            "reduce_server": reduce.server or "",
+                        }
+                        if reduce
+                        else {}
+                    ),
                 },
             )
             submitted = {"type": "job.submitted", "job_id": job_id, "total": len(items), "at_ms": created}
@@ -258,7 +276,7 @@ class JobStore:
         args: list[Any] = [job_id, self.global_events_maxlen, "1" if force else "0"]
         for settlement in settlements:
             args += settlement.args()
-        committed, refused, finished, landed, unsnapshotted = await self._commit(
+        committed, refused, finished, landed, unsnapshotted, reduce_chunk = await self._commit(
             keys=self._commit_keys(jk), args=args
         )
         return CommitOutcome(
@@ -267,6 +285,7 @@ class JobStore:
             job_finished=bool(finished),
             landed=[flag == "1" for flag in landed],
             unsnapshotted=int(unsnapshotted),
+            reduce_chunk=Chunk.model_validate_json(reduce_chunk) if reduce_chunk else None,
         )
 
     def _commit_keys(self, jk: JobKeys) -> list[str]:
@@ -282,6 +301,7 @@ class JobStore:
             self.keys.active,
             jk.failures,
             jk.steps,
+            jk.chunks,
         ]
 
     async def checkpoint(self, job_id: str, entries: Sequence[Checkpoint]) -> list[bool]:
@@ -413,6 +433,7 @@ class JobStore:
             pipe.hlen(jk.running)
             pipe.hgetall(jk.failures)
             meta, running, failures = await pipe.execute()
+        reduce = await self._reduce_status(jk, meta) if meta and "reduce" in meta else None
         if not meta:
             raise JobNotFound(f"job {job_id} does not exist")
         total = int(meta["total"])
@@ -434,6 +455,8 @@ class JobStore:
             degraded = int(meta.get("degraded", 0))
         succeeded, failed, cancelled = counts
         settled = succeeded + failed + cancelled
+        if reduce is not None and reduce.status == "running":
+            running = int(running) - 1
         running = 0 if state in ("finished", "cancelled") else min(int(running), total - settled)
         return JobStatus(
             job_id=job_id,
@@ -451,6 +474,20 @@ class JobStore:
             restored_items=int(meta.get("restored_items", 0)),
             degraded=degraded,
             failures=failure_counts(failures),
+            reduce=reduce,
+        )
+
+    async def _reduce_status(self, jk: JobKeys, meta: dict[str, str]) -> ReduceStatus:
+        index = meta["total"]
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.hget(jk.results, index)
+            pipe.hexists(jk.running, index)
+            raw, running = await pipe.execute()
+        if raw is None:
+            return ReduceStatus(status="running" if running else "pending")
+        record = ResultRecord.model_validate_json(raw)
+        return ReduceStatus(
+            status=record.status, attempts=record.attempts, result=record.result, error=record.error
         )
 
     async def results(self, job_id: str, batch: int = WRITE_BATCH) -> AsyncIterator[ResultRecord]:
@@ -558,11 +595,25 @@ class JobStore:
         return len([key async for key in self.client.scan_iter(match=self.keys.workers_pattern)])
 
     async def job_plan(self, job_id: str) -> JobPlan:
-        retry, pipeline = await self.client.hmget(self.keys.job(job_id).meta, ["retry", "pipeline"])
+        fields = ["retry", "pipeline", "reduce", "total"]
+        retry, pipeline, reduce, total = await self.client.hmget(self.keys.job(job_id).meta, fields)
         return JobPlan(
             retry=RetryPolicy.model_validate_json(retry) if retry else None,
             pipeline=PipelineSpec.model_validate_json(pipeline) if pipeline else None,
+            reduce=ReduceSpec.model_validate_json(reduce) if reduce else None,
+            total=int(total or 0),
         )
+
+    async def reduce_record(self, job_id: str) -> ResultRecord | None:
+        """The job's reduce record once it has settled (None before, or for a job without one)."""
+        jk = self.keys.job(job_id)
+        total, has_reduce = await self.client.hmget(jk.meta, ["total", "reduce"])
+        if total is None:
+            raise JobNotFound(f"job {job_id} does not exist")
+        if not has_reduce:
+            return None
+        raw = await self.client.hget(jk.results, total)
+        return ResultRecord.model_validate_json(raw) if raw else None
 
     async def refused_commits(self, job_id: str) -> int:
         return int(await self.client.hget(self.keys.job(job_id).meta, "refused_commits") or 0)

@@ -104,7 +104,9 @@ class WorkerRuntime:
             settings=self.settings,
             store=store,
             caller=self._pool,
-            committer=BatchCommitter(store, self.settings.worker.commit_batch_size, self.settings.state),
+            committer=BatchCommitter(
+                store, self.settings.worker.commit_batch_size, self.settings.state, self.enqueuer
+            ),
             worker_id=self.worker_id,
             limiter=ClusterLimiter(client, keys, self.worker_id, self.settings.worker.lease_s),
             breaker=Breaker(client, keys, self.settings),

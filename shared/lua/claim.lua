@@ -6,6 +6,8 @@
 -- isolated claim (the suspect run alone, see reaper.py): a redelivered old message must not run
 -- it among others again. An isolated claim records its epoch in lost as "INDEX:isolated", so that
 -- the loss of exactly this run is what makes the item poison.
+-- A job's reduce is claimed like an item, at index = total, once the commit of its last item made
+-- it ready.
 -- KEYS: meta, items, results, epochs, running, job_events, global_events, leases, lost
 -- ARGV: worker, global_maxlen, lease_ms, isolated ("1" or "0"), index...
 -- Returns a flat list {index, epoch, item_json, ...}; {-1} when the job does not exist.
@@ -16,7 +18,15 @@ local state = redis.call('HGET', meta, 'state')
 if not state then
   return {-1}
 end
-if state == 'finished' or state == 'cancelled' or redis.call('HGET', meta, 'cancel_requested') then
+if state == 'finished' or state == 'cancelled' then
+  return {}
+end
+-- A job's reduce (index = total, when it has one) may run only once every item has settled, and
+-- still runs after a cancel; nothing else does after a cancel.
+local job = redis.call('HMGET', meta, 'total', 'reduce_server', 'cancel_requested')
+local reduce_index = job[2] and job[1]
+local cancelled = job[3]
+if cancelled and not reduce_index then
   return {}
 end
 local now = redis.call('TIME')
@@ -36,6 +46,11 @@ for i = 5, #ARGV do
   local index = ARGV[i]
   local member = job_id .. ':' .. index
   local free = redis.call('HEXISTS', results, index) == 0
+  if index == reduce_index then
+    free = free and redis.call('HEXISTS', meta, 'reduce_ready_at_ms') == 1
+  elseif cancelled then
+    free = false
+  end
   if free and not isolated and redis.call('HEXISTS', KEYS[9], index .. ':suspect') == 1 then
     free = false
   end

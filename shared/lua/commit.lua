@@ -6,13 +6,18 @@
 -- 'log' only appends item.settled events, whose fold is the job view (see jobview.py).
 -- Pipeline items: a settled item's step checkpoints are dropped (its record carries the steps);
 -- a degraded success and a failure (by step and error type) are counted for the job's status.
+-- A job with a reduce (meta 'reduce_server' set) has one more unit at index = total: when the
+-- batch settles the last item, the reduce's chunk is recorded as outstanding and returned (the
+-- caller enqueues it), and the job finishes only when the reduce itself settles. The reduce
+-- moves no item counters; its event is reduce.settled.
 -- KEYS: meta, results, epochs, running, job_events, global_events, notify_channel, leases, active_jobs,
---       failures, steps
+--       failures, steps, chunks
 -- ARGV: job_id, global_maxlen, force ("1" skips the epoch check), then per item:
 --       index, epoch, status, record_json, degraded ("1" or ""), failure ('["STEP","TYPE"]' or ""),
 --       checkpointed step names (space-separated, or "")
--- Returns {committed, refused, job_finished (0|1), landed, unsnapshotted}; landed has one char
--- per item ('1' committed, '0' refused); unsnapshotted counts log events since the snapshot.
+-- Returns {committed, refused, job_finished (0|1), landed, unsnapshotted, reduce_chunk}; landed has
+-- one char per item ('1' committed, '0' refused); unsnapshotted counts log events since the
+-- snapshot; reduce_chunk is the reduce's chunk (JSON) when this batch made it ready, else ''.
 local meta, results, epochs, running = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local job_events, global_events, notify, leases = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local job_id, maxlen, force = ARGV[1], ARGV[2], ARGV[3] == '1'
@@ -27,6 +32,9 @@ local function append(fields)
   end
   redis.call('XADD', global_events, 'MAXLEN', '~', maxlen, '*', unpack(fields))
 end
+
+local job = redis.call('HMGET', meta, 'total', 'reduce_server')
+local total_items, reduce_server = job[1], job[2]
 
 local now = redis.call('TIME')
 local now_ms = now[1] * 1000 + math.floor(now[2] / 1000)
@@ -47,7 +55,9 @@ for i = 4, #ARGV, 7 do
     for name in string.gmatch(checkpointed, '%S+') do
       redis.call('HDEL', KEYS[11], index .. ':' .. name)
     end
-    local event = {'type', 'item.settled', 'job_id', job_id, 'index', index, 'status', status}
+    local is_reduce = reduce_server and index == total_items
+    local event = {'type', is_reduce and 'reduce.settled' or 'item.settled', 'job_id', job_id,
+      'index', index, 'status', status}
     if degraded then
       event[#event + 1] = 'degraded'
       event[#event + 1] = '1'
@@ -56,7 +66,9 @@ for i = 4, #ARGV, 7 do
       event[#event + 1] = 'failure'
       event[#event + 1] = failure
     end
-    if not log_mode then
+    if is_reduce then
+      redis.call('HSET', meta, 'reduce_status', status)
+    elseif not log_mode then
       redis.call('HINCRBY', meta, status, 1)
       if degraded then
         redis.call('HINCRBY', meta, 'degraded', 1)
@@ -76,6 +88,7 @@ end
 
 local finished = 0
 local unsnapshotted = 0
+local reduce_chunk = ''
 if committed > 0 then
   if log_mode then
     unsnapshotted = redis.call('HINCRBY', meta, 'unsnapshotted', committed)
@@ -84,7 +97,18 @@ if committed > 0 then
   end
   local m = redis.call('HMGET', meta, 'total', 'state', 'cancel_requested')
   local total = tonumber(m[1]) or 0
-  if redis.call('HLEN', results) >= total and m[2] ~= 'finished' and m[2] ~= 'cancelled' then
+  local all_settled = redis.call('HLEN', results) >= total
+  local done = all_settled
+  if reduce_server then
+    done = redis.call('HEXISTS', results, m[1]) == 1
+    if all_settled and not done and redis.call('HSETNX', meta, 'reduce_ready_at_ms', now_ms) == 1 then
+      local id = job_id .. '-reduce'
+      reduce_chunk = cjson.encode({job_id = job_id, server = reduce_server, items = {total}, id = id,
+        urgent = true})
+      redis.call('HSET', KEYS[12], id, reduce_chunk)
+    end
+  end
+  if done and m[2] ~= 'finished' and m[2] ~= 'cancelled' then
     local final = m[3] and 'cancelled' or 'finished'
     redis.call('HSET', meta, 'state', final, 'finished_at_ms', now_ms)
     redis.call('SREM', KEYS[9], job_id)
@@ -105,4 +129,4 @@ if committed > 0 then
   end
   redis.call('PUBLISH', notify, committed)
 end
-return {committed, refused, finished, table.concat(landed), unsnapshotted}
+return {committed, refused, finished, table.concat(landed), unsnapshotted, reduce_chunk}
