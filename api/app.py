@@ -254,6 +254,21 @@ def create_api(
         page, next_index = await store().results_page(job_id, int(cursor or 0), limit, status, step)
         return ResultsPage(results=page, next_cursor=None if next_index is None else str(next_index))
 
+    @api.post("/v1/jobs/{job_id}/retry", status_code=201, response_model=Submitted, dependencies=[Auth])
+    async def retry(
+        job_id: str,
+        status: Literal["failed", "cancelled"] = "failed",
+        error_type: str | None = None,
+        step: str | None = None,
+    ) -> Submitted:
+        """A new job of this job's failed (or cancelled) items, optionally of one error type or step."""
+        from shared.jobs import retry_job
+
+        submitted = await retry_job(
+            store(), settings, state["enqueuer"], job_id, status=status, error_type=error_type, step=step
+        )
+        return Submitted(job_id=submitted.job_id, total=submitted.total, existing=False)
+
     @api.get("/v1/jobs/{job_id}/reduce", response_model=ResultRecord, dependencies=[Auth])
     async def get_reduce(job_id: str) -> ResultRecord:
         """The job's reduce record, once it has settled."""

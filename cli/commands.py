@@ -25,6 +25,7 @@ from shared.jobs import (
     read_pipeline_file,
     read_reduce_file,
     resolve_items,
+    retry_job,
     submit_job,
 )
 from shared.keys import Keys
@@ -125,6 +126,21 @@ def cancel(settings: Settings, job_id: str, run_reduce: bool = True) -> JobStatu
         async with open_store(settings) as store:
             enqueuer = CeleryEnqueuer(create_app(settings), store.keys)
             return await cancel_job(store, job_id, enqueuer, run_reduce=run_reduce)
+
+    return asyncio.run(go())
+
+
+def retry(
+    settings: Settings, job_id: str, status: str, error_type: str | None, step: str | None
+) -> Submitted:
+    async def go() -> Submitted:
+        from workers.app import CeleryEnqueuer, create_app
+
+        async with open_store(settings) as store:
+            enqueuer = CeleryEnqueuer(create_app(settings), store.keys)
+            return await retry_job(
+                store, settings, enqueuer, job_id, status=status, error_type=error_type, step=step
+            )
 
     return asyncio.run(go())
 

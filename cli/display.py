@@ -87,6 +87,16 @@ def print_summary(console: Console, job: JobStatus) -> None:
         f"in {elapsed:.2f}s ({rate:.0f} items/s)"
         + (f", {job.degraded} of the succeeded degraded" if job.degraded else "")
     )
+    if job.reduce is not None:
+        console.print(
+            f"reduce: {job.reduce.status}" + (f" ({job.reduce.error.message})" if job.reduce.error else "")
+        )
+    if job.failures:
+        by = ", ".join(f"{f.count} at {f.step} ({f.error_type})" for f in job.failures[:5])
+        console.print(f"failed: {by}")
+    if job.failed or job.cancelled:
+        which = "" if job.failed else " --status cancelled"
+        console.print(f"to run them again: toolswarm retry {job.job_id}{which}")
 
 
 def print_servers(

@@ -127,19 +127,44 @@ def submit(
             validate=validate,
             retry_attempts=retry_attempts,
         )
-        if as_json:
-            print(
-                json.dumps(
-                    {"job_id": submitted.job_id, "total": submitted.total, "existing": submitted.existing}
-                )
-            )
-        else:
-            again = " (existing job for this idempotency key)" if submitted.existing else ""
-            console.print(f"job [bold]{submitted.job_id}[/bold]: {submitted.total} items{again}")
-        if watch:
-            status = commands.watch(settings(), submitted.job_id, console=err_console if as_json else console)
-            if not as_json:
-                display.print_summary(console, status)
+        _report_submitted(submitted, watch=watch, as_json=as_json)
+
+
+def _report_submitted(submitted: Any, *, watch: bool, as_json: bool) -> None:
+    from cli import commands
+
+    if as_json:
+        print(
+            json.dumps({"job_id": submitted.job_id, "total": submitted.total, "existing": submitted.existing})
+        )
+    else:
+        again = " (existing job for this idempotency key)" if submitted.existing else ""
+        console.print(f"job [bold]{submitted.job_id}[/bold]: {submitted.total} items{again}")
+    if watch:
+        status = commands.watch(settings(), submitted.job_id, console=err_console if as_json else console)
+        if not as_json:
+            display.print_summary(console, status)
+
+
+@app.command()
+def retry(
+    job_id: str,
+    status_filter: Annotated[
+        str, typer.Option("--status", help="Which items to run again: failed or cancelled.")
+    ] = "failed",
+    error_type: Annotated[
+        str | None, typer.Option("--error-type", help="Only items with this error type.")
+    ] = None,
+    step: Annotated[str | None, typer.Option("--step", help="Only items that failed at this step.")] = None,
+    watch: Annotated[bool, typer.Option("--watch", help="Show progress until the new job finishes.")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Submit a new job of a job's failed (or cancelled) items: same specs, keys, pipeline and reduce."""
+    from cli import commands
+
+    with _errors_as_one_line():
+        submitted = commands.retry(settings(), job_id, status_filter, error_type, step)
+        _report_submitted(submitted, watch=watch, as_json=as_json)
 
 
 @app.command()

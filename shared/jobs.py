@@ -423,6 +423,55 @@ async def _bound_job(store: JobStore, job_id: str) -> JobStatus:
             await asyncio.sleep(0.05)
 
 
+RETRYABLE_STATUSES = ("failed", "cancelled")
+
+
+async def retry_job(
+    store: JobStore,
+    settings: Settings,
+    enqueuer: Enqueuer,
+    job_id: str,
+    *,
+    status: str = "failed",
+    error_type: str | None = None,
+    step: str | None = None,
+) -> Submitted:
+    """Submit a new job of the items of ``job_id`` that ended ``status`` (optionally with that
+    error type, or failing at that step): the same specs, keys, pipeline, reduce and retry policy.
+    The new job records ``retry_of``, the old one ``retried_by``; nothing runs again in the old job."""
+    if status not in RETRYABLE_STATUSES:
+        raise JobSpecError(f"retry takes failed or cancelled items, not {status!r}")
+    plan = await store.job_plan(job_id)
+    old = await store.status(job_id)
+    chosen = [
+        record.index
+        async for record in store.results(job_id)
+        if record.matches(status, step)
+        and (error_type is None or (record.error is not None and record.error.type == error_type))
+    ]
+    if not chosen:
+        raise JobSpecError(f"job {job_id} has no {status} items{_filters(error_type, step)} to retry")
+    specs = await store.item_specs(job_id, chosen)
+    items = [specs[i].model_copy(update={"server": None}) if plan.pipeline else specs[i] for i in chosen]
+    spec = JobSpec(
+        items=items,
+        pipeline=plan.pipeline,
+        reduce=plan.reduce,
+        retry=plan.retry,
+        state_mode=old.state_mode,
+    )
+    submitted = await submit_job(spec, settings, store, enqueuer)
+    await store.client.hset(store.keys.job(submitted.job_id).meta, "retry_of", job_id)
+    await store.client.hset(store.keys.job(job_id).meta, "retried_by", submitted.job_id)
+    return submitted
+
+
+def _filters(error_type: str | None, step: str | None) -> str:
+    said = [f"error type {error_type!r}"] if error_type else []
+    said += [f"failing at step {step!r}"] if step else []
+    return f" with {' and '.join(said)}" if said else ""
+
+
 async def send_reduce(enqueuer: Enqueuer | None, chunk: Chunk) -> None:
     """Put a job's reduce on its queue. The commit that made it ready recorded it as outstanding, so
     if this fails (or never happens: no enqueuer, a worker killed here) the coverage sweep sends it."""

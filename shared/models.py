@@ -250,6 +250,8 @@ class JobStatus(BaseModel):
     degraded: int = 0
     failures: list[FailureCount] = Field(default_factory=list)  # most frequent first
     reduce: ReduceStatus | None = None  # jobs with a reduce only
+    retry_of: str | None = None  # the job whose failed items this one runs again
+    retried_by: str | None = None  # the latest job that ran this one's failed items again
 
     @property
     def settled(self) -> int:

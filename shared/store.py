@@ -475,6 +475,8 @@ class JobStore:
             degraded=degraded,
             failures=failure_counts(failures),
             reduce=reduce,
+            retry_of=meta.get("retry_of"),
+            retried_by=meta.get("retried_by"),
         )
 
     async def _reduce_status(self, jk: JobKeys, meta: dict[str, str]) -> ReduceStatus:

@@ -242,3 +242,30 @@ def test_pipelines_through_the_api(api: tuple[Cluster, httpx2.Client]) -> None:
     unknown = {**body, "pipeline": {"steps": [{"name": "x", "tool": "nope"}]}}
     refused = client.post("/v1/jobs", json=unknown)
     assert refused.status_code == 422 and "pipeline: step 'x': unknown tool 'nope'" in refused.text
+
+
+def test_reduce_and_retry_through_the_api(api: tuple[Cluster, httpx2.Client]) -> None:
+    _, client = api
+    reduce = {"tool": "echo", "arguments": {"text": {"$from": "to_string(length(failed))"}}}
+    body = {**echo_job(10), "reduce": reduce}
+    created = client.post("/v1/jobs", json=body)
+    assert created.status_code == 201, created.text
+    job_id = created.json()["job_id"]
+    status = wait_done(client, job_id)
+    assert status["reduce"]["status"] == "succeeded" and status["failed"] == 1
+    record = client.get(f"/v1/jobs/{job_id}/reduce").json()
+    assert record["result"]["content"][0]["text"] == "1"
+
+    again = client.post(f"/v1/jobs/{job_id}/retry", params={"error_type": "tool_error"})
+    assert again.status_code == 201, again.text
+    assert again.json()["total"] == 1
+    retried = wait_done(client, again.json()["job_id"])
+    assert retried["retry_of"] == job_id and retried["reduce"]["status"] == "succeeded"
+    assert client.get(f"/v1/jobs/{job_id}").json()["retried_by"] == again.json()["job_id"]
+    assert client.post(f"/v1/jobs/{job_id}/retry", params={"step": "nope"}).status_code == 422
+
+    bad = client.post(
+        "/v1/jobs",
+        json={**echo_job(4), "reduce": {"tool": "echo", "arguments": {"text": {"$from": "steps.x"}}}},
+    )
+    assert bad.status_code == 422 and "not in scope (use total, successful or failed)" in bad.text

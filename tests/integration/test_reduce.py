@@ -166,3 +166,42 @@ def test_a_summary_over_the_limit_fails_the_reduce_naming_its_size(
     assert "over reduce_max_summary_bytes (2048)" in status.reduce.error.message
     size = int(status.reduce.error.message.split(" bytes")[0].rsplit(" ", 1)[1])
     assert size > 2048
+
+
+def test_retry_runs_only_the_chosen_items_in_a_new_job(
+    redis_url: str, tmp_path: Path, stop_workers: list[Cluster]
+) -> None:
+    retry = {"attempts": 2, "initial_backoff_s": 0, "max_backoff_s": 0, "jitter_s": 0}
+    cluster = make_cluster(tmp_path, redis_url, {"demo": stdio_demo(retry=retry)})
+    stop_workers.append(cluster)
+    cluster.start_workers(1)
+    items: list[dict[str, Any]] = []
+    for i in range(30):
+        call = {0: ("fail", {"message": "no"}), 1: ("flaky", {"fail_rate": 1.0})}.get(
+            i % 3, ("echo", {"text": "y"})
+        )
+        items.append({"tool": call[0], "arguments": call[1], "key": f"k{i}"})
+    job_id = submit(cluster, items, WHOLE_SUMMARY)
+    cluster.wait_for_job(job_id, timeout=60)
+    before = job_events(cluster, job_id)
+
+    out = cluster.cli("retry", job_id, "--error-type", "tool_error", "--json")
+    assert out.returncode == 0, out.stderr
+    again = json.loads(out.stdout)
+    assert again["total"] == 10
+    status = cluster.wait_for_job(again["job_id"], timeout=60)
+    assert (status.total, status.failed, status.retry_of) == (10, 10, job_id)
+    retried = [
+        ResultRecord.model_validate_json(line)
+        for line in cluster.cli("results", again["job_id"]).stdout.splitlines()
+    ]
+    assert [r.key for r in retried] == [f"k{i}" for i in range(0, 30, 3)]
+    summary = json.loads((reduce_record(cluster, again["job_id"]).result or pytest.fail("no result")).text())
+    assert summary["total"] == 10 and [e["key"] for e in summary["failed"]] == [r.key for r in retried]
+
+    old = JobStatus.model_validate_json(cluster.cli("status", job_id, "--json").stdout)
+    assert old.retried_by == again["job_id"] and (old.succeeded, old.failed) == (10, 20)
+    assert job_events(cluster, job_id) == before, "nothing ran again in the old job"
+
+    nothing = cluster.cli("retry", again["job_id"], "--error-type", "timeout")
+    assert nothing.returncode == 1 and "has no failed items with error type 'timeout'" in nothing.stderr
