@@ -15,7 +15,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 
 from shared.batching import Coalescer
-from shared.jobs import Enqueuer, send_reduce
+from shared.jobs import Enqueuer, send_ready
 from shared.settings import StateSettings
 from shared.store import Checkpoint, CommitOutcome, JobStore, Settlement
 
@@ -72,8 +72,9 @@ class BatchCommitter:
             outcome = await self._commit_job(job_id, [entries[p][1] for p in positions])
             for position, ok in zip(positions, outcome.landed, strict=True):
                 landed[position] = ok
-            if outcome.reduce_chunk is not None:
-                await send_reduce(self.enqueuer, outcome.reduce_chunk)
+            ready = [*outcome.ready, *([outcome.reduce_chunk] if outcome.reduce_chunk else [])]
+            if ready:
+                await send_ready(self.enqueuer, ready)
             if outcome.unsnapshotted and self._snapshot_due(
                 job_id, outcome.unsnapshotted, outcome.job_finished
             ):

@@ -100,13 +100,18 @@ async def broker_view(enqueuer: Enqueuer, servers: Iterable[str]) -> BrokerView 
 
 
 async def free_items(store: JobStore, job_id: str, indexes: Sequence[int]) -> list[int]:
-    """Those of ``indexes`` that are neither settled nor leased (live or expired: an expired lease
-    is the reaper's to take back)."""
+    """Those of ``indexes`` that are neither settled, leased (live or expired: an expired lease is
+    the reaper's to take back) nor waiting for needs (the commit of their last need sends them)."""
     unsettled = await store.unsettled(job_id, indexes)
     if not unsettled:
         return []
     scores = await store.client.zmscore(store.keys.leases, [f"{job_id}:{i}" for i in unsettled])
-    return [index for index, score in zip(unsettled, scores, strict=True) if score is None]
+    waiting = await store.client.hmget(store.keys.job(job_id).waiting, [str(i) for i in unsettled])
+    return [
+        index
+        for index, score, left in zip(unsettled, scores, waiting, strict=True)
+        if score is None and int(left or 0) <= 0
+    ]
 
 
 async def restorable(store: JobStore, settings: Settings, job_id: str, indexes: Sequence[int]) -> list[Chunk]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -12,8 +13,10 @@ from shared.calls import CallTarget, call_tool
 from shared.errors import RedisUnavailable
 from shared.execution import CALLING, RELEASED, WAITING, ChunkHandedBack, Draining, ExecutionContext
 from shared.jobs import feed_next
-from shared.models import Chunk, ChunkReport, ResultRecord, StepRecord, StepSpec, item_id
+from shared.models import Chunk, ChunkReport, ItemError, ResultRecord, StepRecord, StepSpec, item_id
+from shared.pipeline import final_output, item_scope, unmet_need
 from shared.reduce import run_reduce
+from shared.refs import resolve
 from shared.settings import RetryPolicy
 from shared.steps import run_pipeline
 from shared.store import Claim, JobPlan, Settlement, now_ms
@@ -69,6 +72,22 @@ async def call_item(
     )
 
 
+def unrun_record(ctx: ExecutionContext, job_id: str, claim: Claim, error: ItemError) -> ResultRecord:
+    """The record of an item settled without a call (a need of it did not succeed)."""
+    return ResultRecord(
+        item_id=item_id(job_id, claim.index),
+        job_id=job_id,
+        index=claim.index,
+        tool=claim.spec.tool or "pipeline",
+        server=claim.spec.server or "",
+        key=claim.spec.key,
+        status="failed",
+        error=error,
+        worker=ctx.worker_id,
+        finished_at_ms=now_ms(),
+    )
+
+
 def steps_of(claim: Claim, plan: JobPlan) -> list[StepSpec] | None:
     """A pipeline item's steps (its own, or its job's pipeline); None for a single-call item."""
     if claim.spec.steps is not None:
@@ -85,21 +104,28 @@ async def run_item(
     plan: JobPlan,
     checkpointed: dict[str, StepRecord] | None = None,
     urgent: bool = False,
+    needs: dict[str, ResultRecord | None] | None = None,
 ) -> tuple[ResultRecord | None, bool] | None:
     """Run and commit one item; None when shutdown took it back before it finished. A pipeline
     item whose lease was taken over mid-way gives (None, False): nothing of it is committed here."""
     member = item_id(job_id, claim.index)
     try:
         steps = steps_of(claim, plan)
-        if plan.reduce is not None and claim.index == plan.total:
+        outputs = None if needs is None else {key: r and final_output(r) for key, r in needs.items()}
+        unmet = None if needs is None else unmet_need(needs)
+        names: list[str] = []
+        if unmet is not None:
+            record = unrun_record(ctx, job_id, claim, unmet)
+        elif plan.reduce is not None and claim.index == plan.total:
             record = await run_reduce(ctx, job_id, claim, plan)
-            names: list[str] = []
         elif steps is None:
+            if outputs is not None:
+                arguments = resolve(claim.spec.arguments, item_scope(claim.spec.input, {}, outputs))
+                claim = replace(claim, spec=claim.spec.model_copy(update={"arguments": arguments}))
             record = await call_item(ctx, job_id, claim, plan.retry, urgent)
-            names = []
         else:
             pipeline_result = await run_pipeline(
-                ctx, job_id, claim, steps, checkpointed or {}, plan.retry, urgent
+                ctx, job_id, claim, steps, checkpointed or {}, plan.retry, urgent, outputs
             )
             if pipeline_result is None:
                 return None, False
@@ -129,12 +155,22 @@ async def execute_chunk(ctx: ExecutionContext, chunk: Chunk) -> ChunkReport:
         )
         plan = await ctx.job_plan(chunk.job_id) if claims else JobPlan()
         checkpointed = await resumed_steps(ctx, chunk.job_id, claims, plan)
+        dependent = [claim.index for claim in claims if claim.spec.needs]
+        needs = await ctx.store.needed(chunk.job_id, dependent) if dependent else {}
         tasks = []
         for claim in claims:
             member = item_id(chunk.job_id, claim.index)
             ctx.held[member] = WAITING
             task = asyncio.create_task(
-                run_item(ctx, chunk.job_id, claim, plan, checkpointed.get(claim.index), chunk.urgent)
+                run_item(
+                    ctx,
+                    chunk.job_id,
+                    claim,
+                    plan,
+                    checkpointed.get(claim.index),
+                    chunk.urgent,
+                    needs.get(claim.index),
+                )
             )
             ctx.item_tasks[member] = task
             tasks.append(task)

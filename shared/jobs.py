@@ -16,6 +16,7 @@ from typing import Any, Protocol
 from jsonschema import Draft202012Validator
 from pydantic import ValidationError
 
+from shared.dag import plan_needs
 from shared.errors import JobNotFound, JobSpecError
 from shared.models import (
     Chunk,
@@ -255,6 +256,8 @@ def resolve_items(spec: JobSpec, settings: Settings) -> list[ItemSpec]:
         if item.tool is None:
             update["tool"] = spec.tool
         resolved.append(item if item.server == server and item.tool else item.model_copy(update=update))
+    if pipeline is None and not errors:
+        errors += plan_needs(resolved)[1]
     if errors:
         raise JobSpecError(_summarise(errors))
     return resolved
@@ -329,10 +332,12 @@ async def validate_arguments(
 
 
 def plan_chunks(job_id: str, items: Sequence[ItemSpec], chunk_size: int) -> list[Chunk]:
-    """Group item indexes by server, then cut each group into chunks of ``chunk_size``."""
+    """Group item indexes by server, then cut each group into chunks of ``chunk_size``. Items with
+    needs are left out: the commit that settles their last need enqueues them."""
     by_server: dict[str, list[int]] = defaultdict(list)
     for index, item in enumerate(items):
-        by_server[item.server or ""].append(index)
+        if not item.needs:
+            by_server[item.server or ""].append(index)
     return cut_chunks(job_id, by_server, chunk_size)
 
 
@@ -369,7 +374,8 @@ async def submit_job(spec: JobSpec, settings: Settings, store: JobStore, enqueue
         servers.update(step.server or "" for step in (pipeline.steps if pipeline else ()))
         if reduce is not None:
             servers.add(reduce.server or "")
-        await store.create_job(job_id, items, servers, state_mode, spec.retry, pipeline, reduce)
+        needs, _ = plan_needs(items)
+        await store.create_job(job_id, items, servers, state_mode, spec.retry, pipeline, reduce, needs)
         chunks = plan_chunks(job_id, items, spec.chunk_size or settings.worker.chunk_size)
         window = await job_window(store, settings)
         await store.push_backlog(job_id, chunks[window:])
@@ -472,15 +478,21 @@ def _filters(error_type: str | None, step: str | None) -> str:
     return f" with {' and '.join(said)}" if said else ""
 
 
-async def send_reduce(enqueuer: Enqueuer | None, chunk: Chunk) -> None:
-    """Put a job's reduce on its queue. The commit that made it ready recorded it as outstanding, so
-    if this fails (or never happens: no enqueuer, a worker killed here) the coverage sweep sends it."""
-    if enqueuer is None:
+async def send_ready(enqueuer: Enqueuer | None, chunks: Sequence[Chunk]) -> None:
+    """Put what a commit made ready (a job's reduce, items whose needs settled) on its queues. The
+    commit recorded these chunks as outstanding, so if this fails (or never happens: no enqueuer,
+    a worker killed here) the coverage sweep sends them."""
+    if enqueuer is None or not chunks:
         return
     try:
-        await asyncio.to_thread(enqueuer.enqueue, [chunk])
-    except Exception as exc:  # the results committed are what matters; the sweep has the reduce
-        log.warning("job %s: could not enqueue its reduce (%s); the coverage sweep will", chunk.job_id, exc)
+        await asyncio.to_thread(enqueuer.enqueue, chunks)
+    except Exception as exc:  # the results committed are what matters; the sweep has the chunks
+        log.warning(
+            "job %s: could not enqueue %d ready chunks (%s); the sweep will",
+            chunks[0].job_id,
+            len(chunks),
+            exc,
+        )
 
 
 async def cancel_job(
@@ -519,7 +531,7 @@ async def cancel_job(
     if status.reduce is not None and not run_reduce:
         await _cancel_reduce(store, job_id, status.total)
     elif ready is not None:
-        await send_reduce(enqueuer, ready)
+        await send_ready(enqueuer, [ready])
     return await store.status(job_id)
 
 

@@ -28,6 +28,9 @@ class JobKeys:
     uncovered: str  # hash: chunk id (or "*" for the whole job) -> ms since the sweep found it uncovered
     steps: str  # hash: "INDEX:STEP" -> checkpointed step record (JSON) of an unsettled pipeline item
     failures: str  # hash: '["STEP","ERROR_TYPE"]' -> items failed so (cas mode; log mode folds events)
+    waiting: str  # hash: index -> needs not yet settled, of an item with needs
+    dependents: str  # hash: index -> the indexes (space-separated) of the items that need it
+    needs: str  # hash: index -> [[KEY, INDEX], ...] of what an item needs (JSON)
 
     def all(self) -> list[str]:
         """Every key of the job (the pub/sub channel is not a key)."""
@@ -60,6 +63,9 @@ class Keys:
             uncovered=f"{base}:uncovered",
             steps=f"{base}:steps",
             failures=f"{base}:failures",
+            waiting=f"{base}:waiting",
+            dependents=f"{base}:dependents",
+            needs=f"{base}:needs",
         )
 
     @property

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
-from shared.refs import SUMMARY_ROOTS, check_reference, find_references
+from shared.refs import SCOPE_ROOTS, SUMMARY_ROOTS, check_reference, find_references
 from shared.settings import RetryPolicy
 
 ItemStatus = Literal["succeeded", "failed", "cancelled"]
@@ -34,9 +35,10 @@ class StepSpec(BaseModel):
     retry: RetryPolicy | None = None
 
 
-def check_steps(steps: list[StepSpec]) -> list[str]:
+def check_steps(steps: list[StepSpec], needs: Sequence[str] = ()) -> list[str]:
     """What is wrong with a chain of steps as written (no I/O): no steps, duplicate names, and
-    references that are not JMESPath or that name a step not run before theirs."""
+    references that are not JMESPath or that name a step not run before theirs (or, with
+    ``needs``, a need the item does not have)."""
     if not steps:
         return ["steps: a pipeline needs at least one step"]
     problems: list[str] = []
@@ -45,7 +47,9 @@ def check_steps(steps: list[StepSpec]) -> list[str]:
         if step.name in seen:
             problems.append(f"step {step.name!r}: duplicate step name")
         for reference in find_references(step.arguments):
-            problem = check_reference(reference, seen)
+            problem = check_reference(
+                reference, seen, (*SCOPE_ROOTS, "needs") if needs else SCOPE_ROOTS, needs
+            )
             if problem:
                 problems.append(f"step {step.name!r}: {problem}")
         seen.append(step.name)
@@ -104,6 +108,9 @@ class ItemSpec(BaseModel):
     key: str | None = None
     input: dict[str, Any] | None = None
     steps: list[StepSpec] | None = None
+    # Keys of other items of the job that must succeed before this one starts; their final outputs
+    # are in scope as needs."KEY".
+    needs: list[str] | None = None
     # The line of the items file it came from, so that errors found later can name it.
     _line: int | None = PrivateAttr(default=None)
 
@@ -118,11 +125,22 @@ class ItemSpec(BaseModel):
 
     @model_validator(mode="after")
     def _call_or_steps(self) -> ItemSpec:
+        needs = self.needs or ()
         if self.steps is None:
+            roots = ("input", "needs") if needs else ()
+            problems = [
+                problem
+                for reference in find_references(self.arguments)
+                if (problem := check_reference(reference, (), roots or ("needs",), needs))
+            ]
+            if problems and not needs:
+                problems = ["$from in a single call's arguments refers to its needs: give the item needs"]
+            if problems:
+                raise ValueError("; ".join(problems))
             return self
         if self.tool is not None or self.arguments:
             raise ValueError("an item carries either tool and arguments, or steps, not both")
-        problems = check_steps(self.steps)
+        problems = check_steps(self.steps, needs)
         if problems:
             raise ValueError("; ".join(problems))
         return self

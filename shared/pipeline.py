@@ -23,12 +23,36 @@ def degraded_output(fallback: Any) -> dict[str, Any]:
     return {"text": json.dumps(fallback), "structured": fallback, "content": [], "degraded": True}
 
 
-def item_scope(item_input: Mapping[str, Any] | None, records: Mapping[str, StepRecord]) -> dict[str, Any]:
-    """What ``$from`` expressions are evaluated over: the item's input and the finished steps' outputs."""
-    return {
+def final_output(record: ResultRecord) -> dict[str, Any] | None:
+    """An item's final OUTPUT, as later steps see a step's: its last step's, or its call's."""
+    if record.steps:
+        return record.steps[-1].output
+    return step_output(record.result) if record.result is not None else None
+
+
+def item_scope(
+    item_input: Mapping[str, Any] | None,
+    records: Mapping[str, StepRecord],
+    needs: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """What ``$from`` expressions are evaluated over: the item's input, the finished steps' outputs
+    and (for an item with needs) its needs' final outputs."""
+    scope = {
         "input": dict(item_input or {}),
         "steps": {name: record.output for name, record in records.items() if record.output is not None},
     }
+    if needs is not None:
+        scope["needs"] = dict(needs)
+    return scope
+
+
+def unmet_need(needs: Mapping[str, ResultRecord | None]) -> ItemError | None:
+    """The error of an item one of whose needs did not succeed (None when all did)."""
+    for key, record in needs.items():
+        if record is None or record.status != "succeeded":
+            how = record.status if record is not None else "not settled"
+            return ItemError(type="dependency_failed", message=f"need {key!r} {how}", retryable=False)
+    return None
 
 
 def cut(value: Any, limit: int = CUT_BYTES) -> Any:

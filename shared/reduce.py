@@ -13,7 +13,7 @@ from shared.calls import CallTarget, call_tool
 from shared.errors import InvalidArguments, ToolswarmError
 from shared.execution import ExecutionContext
 from shared.models import ItemError, ReduceSpec, ResultRecord, item_id
-from shared.pipeline import step_output
+from shared.pipeline import final_output
 from shared.refs import resolve
 from shared.store import Claim, JobPlan, JobStore, now_ms
 
@@ -23,13 +23,6 @@ SUMMARY_BATCH = 1000
 
 class SummaryTooLarge(ToolswarmError):
     error_type = "summary_too_large"
-
-
-def final_output(record: ResultRecord) -> dict[str, Any] | None:
-    """An item's final OUTPUT, as later steps see a step's: its last step's, or its call's."""
-    if record.steps:
-        return record.steps[-1].output
-    return step_output(record.result) if record.result is not None else None
 
 
 def summary_entry(record: ResultRecord) -> tuple[bool, dict[str, Any]]:

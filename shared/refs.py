@@ -122,7 +122,10 @@ def scope_paths(node: Mapping[str, Any]) -> Iterator[list[str]]:
 
 
 def check_reference(
-    reference: Reference, earlier_steps: Collection[str], roots: Sequence[str] = SCOPE_ROOTS
+    reference: Reference,
+    earlier_steps: Collection[str],
+    roots: Sequence[str] = SCOPE_ROOTS,
+    needs: Collection[str] = (),
 ) -> str | None:
     """Why a reference cannot work, or None: bad JMESPath, a name outside the scope, or a step that
     does not run before the one referring to it."""
@@ -148,6 +151,10 @@ def check_reference(
             return (
                 f"{reference.where}: $from {expression!r} refers to step {path[1]!r}, "
                 "which does not run before this one"
+            )
+        if root == "needs" and len(path) > 1 and path[1] not in needs:
+            return (
+                f"{reference.where}: $from {expression!r} refers to {path[1]!r}, which the item does not need"
             )
     return None
 

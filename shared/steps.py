@@ -28,15 +28,16 @@ async def run_pipeline(
     checkpointed: Mapping[str, StepRecord],
     job_retry: RetryPolicy | None = None,
     urgent: bool = False,
+    needs: Mapping[str, Any] | None = None,
 ) -> ResultRecord | None:
     """The item's result record; None when a checkpoint was refused: the lease was taken over and
-    the item has a new holder, so this run stops where it is."""
+    the item has a new holder, so this run stops where it is. ``needs``: its needs' outputs."""
     started = time.perf_counter()
     records = dict(checkpointed)
     for position, step in enumerate(steps):
         if step.name in records:
             continue
-        record = await run_step(ctx, job_id, claim, step, records, job_retry, urgent)
+        record = await run_step(ctx, job_id, claim, step, records, job_retry, urgent, needs)
         records[step.name] = record
         if record.status == "failed":
             break
@@ -70,6 +71,7 @@ async def run_step(
     records: Mapping[str, StepRecord],
     job_retry: RetryPolicy | None,
     urgent: bool,
+    needs: Mapping[str, Any] | None = None,
 ) -> StepRecord:
     """Resolve the step's references, check what they gave against the tool's schema, call it."""
     server = step.server or ""
@@ -78,7 +80,7 @@ async def run_step(
     arguments: dict[str, Any] | None = step.arguments
     if any(True for _ in find_references(step.arguments)):
         try:
-            arguments = resolve(step.arguments, item_scope(claim.spec.input, records))
+            arguments = resolve(step.arguments, item_scope(claim.spec.input, records, needs))
             problem = await schema_problem(ctx, server, step.tool, arguments)
         except JMESPathError as exc:
             arguments, problem = None, f"a $from expression failed: {exc}"

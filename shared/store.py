@@ -6,7 +6,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -15,6 +15,7 @@ from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from shared.dag import Needs
 from shared.errors import JobNotFound, RedisUnavailable
 from shared.eventlog import EventLog
 from shared.jobview import JobView, apply_job_event
@@ -143,6 +144,7 @@ class CommitOutcome:
     landed: list[bool]
     unsnapshotted: int = 0  # log mode: events appended since the last snapshot
     reduce_chunk: Chunk | None = None  # this batch settled the last item: the reduce is ready
+    ready: list[Chunk] = field(default_factory=list)  # items whose last need this batch settled
 
 
 def failure_counts(counts: dict[str, Any]) -> list[FailureCount]:
@@ -186,6 +188,7 @@ class JobStore:
         retry: RetryPolicy | None = None,
         pipeline: PipelineSpec | None = None,
         reduce: ReduceSpec | None = None,
+        needs: Needs | None = None,
     ) -> None:
         """Write the job record and its items in pipelined batches, then make it visible. A reduce
         is kept as one more unit after the items (index = total), claimed once they have settled."""
@@ -200,6 +203,13 @@ class JobStore:
                 for offset, item in enumerate(batch)
             }
             await self.client.hset(jk.items, mapping=mapping)
+        if needs is not None and needs.of:
+            await self.client.hset(jk.waiting, mapping={str(i): n for i, n in needs.waiting.items()})
+            await self.client.hset(jk.needs, mapping={str(i): json.dumps(p) for i, p in needs.of.items()})
+            await self.client.hset(
+                jk.dependents,
+                mapping={str(i): " ".join(map(str, deps)) for i, deps in needs.dependents.items()},
+            )
         created = now_ms()
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.hset(
@@ -256,6 +266,7 @@ class JobStore:
                 self.keys.events,
                 self.keys.leases,
                 jk.lost,
+                jk.waiting,
             ],
             args=[worker, self.global_events_maxlen, int(lease_s * 1000), "1" if isolated else "0", *indexes],
         )
@@ -276,7 +287,7 @@ class JobStore:
         args: list[Any] = [job_id, self.global_events_maxlen, "1" if force else "0"]
         for settlement in settlements:
             args += settlement.args()
-        committed, refused, finished, landed, unsnapshotted, reduce_chunk = await self._commit(
+        committed, refused, finished, landed, unsnapshotted, reduce_chunk, ready = await self._commit(
             keys=self._commit_keys(jk), args=args
         )
         return CommitOutcome(
@@ -286,7 +297,21 @@ class JobStore:
             landed=[flag == "1" for flag in landed],
             unsnapshotted=int(unsnapshotted),
             reduce_chunk=Chunk.model_validate_json(reduce_chunk) if reduce_chunk else None,
+            ready=[Chunk.model_validate_json(raw) for raw in ready],
         )
+
+    async def needed(self, job_id: str, indexes: Sequence[int]) -> dict[int, dict[str, ResultRecord | None]]:
+        """For those of ``indexes`` that have needs: each need's key and its result record (None
+        while it has not settled)."""
+        jk = self.keys.job(job_id)
+        raws = await self.client.hmget(jk.needs, [str(i) for i in indexes])
+        pairs = {index: json.loads(raw) for index, raw in zip(indexes, raws, strict=True) if raw}
+        if not pairs:
+            return {}
+        wanted = sorted({need for found in pairs.values() for _, need in found})
+        results = await self.client.hmget(jk.results, [str(i) for i in wanted])
+        records = {i: ResultRecord.model_validate_json(r) for i, r in zip(wanted, results, strict=True) if r}
+        return {index: {key: records.get(need) for key, need in found} for index, found in pairs.items()}
 
     def _commit_keys(self, jk: JobKeys) -> list[str]:
         return [
@@ -302,6 +327,9 @@ class JobStore:
             jk.failures,
             jk.steps,
             jk.chunks,
+            jk.items,
+            jk.waiting,
+            jk.dependents,
         ]
 
     async def checkpoint(self, job_id: str, entries: Sequence[Checkpoint]) -> list[bool]:

@@ -8,7 +8,8 @@
 -- the loss of exactly this run is what makes the item poison.
 -- A job's reduce is claimed like an item, at index = total, once the commit of its last item made
 -- it ready.
--- KEYS: meta, items, results, epochs, running, job_events, global_events, leases, lost
+-- An item still waiting for needs (waiting > 0) is not claimed.
+-- KEYS: meta, items, results, epochs, running, job_events, global_events, leases, lost, waiting
 -- ARGV: worker, global_maxlen, lease_ms, isolated ("1" or "0"), index...
 -- Returns a flat list {index, epoch, item_json, ...}; {-1} when the job does not exist.
 local meta, items, results, epochs, running = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
@@ -46,6 +47,9 @@ for i = 5, #ARGV do
   local index = ARGV[i]
   local member = job_id .. ':' .. index
   local free = redis.call('HEXISTS', results, index) == 0
+  if free and tonumber(redis.call('HGET', KEYS[10], index) or '0') > 0 then
+    free = false
+  end
   if index == reduce_index then
     free = free and redis.call('HEXISTS', meta, 'reduce_ready_at_ms') == 1
   elseif cancelled then

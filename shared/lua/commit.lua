@@ -11,13 +11,17 @@
 -- caller enqueues it), and the job finishes only when the reduce itself settles. The reduce
 -- moves no item counters; its event is reduce.settled.
 -- KEYS: meta, results, epochs, running, job_events, global_events, notify_channel, leases, active_jobs,
---       failures, steps, chunks
+--       failures, steps, chunks, items, waiting, dependents
+-- Items with needs: settling an item counts down its dependents' waiting needs; a dependent whose
+-- last need settled (however it ended) is recorded as an outstanding chunk and returned in ready
+-- (the caller enqueues it; the worker that claims it fails it if a need did not succeed).
 -- ARGV: job_id, global_maxlen, force ("1" skips the epoch check), then per item:
 --       index, epoch, status, record_json, degraded ("1" or ""), failure ('["STEP","TYPE"]' or ""),
 --       checkpointed step names (space-separated, or "")
 -- Returns {committed, refused, job_finished (0|1), landed, unsnapshotted, reduce_chunk}; landed has
 -- one char per item ('1' committed, '0' refused); unsnapshotted counts log events since the
--- snapshot; reduce_chunk is the reduce's chunk (JSON) when this batch made it ready, else ''.
+-- snapshot; reduce_chunk is the reduce's chunk (JSON) when this batch made it ready, else '';
+-- ready lists the chunks (JSON) of dependents this batch made ready.
 local meta, results, epochs, running = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local job_events, global_events, notify, leases = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local job_id, maxlen, force = ARGV[1], ARGV[2], ARGV[3] == '1'
@@ -41,6 +45,25 @@ local now_ms = now[1] * 1000 + math.floor(now[2] / 1000)
 
 local committed, refused = 0, 0
 local landed = {}
+local ready = {}
+
+local function release_dependents(index)
+  local dependents = redis.call('HGET', KEYS[15], index)
+  if not dependents then
+    return
+  end
+  for dependent in string.gmatch(dependents, '%S+') do
+    local left = redis.call('HINCRBY', KEYS[14], dependent, -1)
+    if left <= 0 and redis.call('HEXISTS', results, dependent) == 0 then
+      local spec = cjson.decode(redis.call('HGET', KEYS[13], dependent))
+      local id = job_id .. '-ready-' .. dependent
+      local chunk = cjson.encode({job_id = job_id, server = spec.server or '', items = {tonumber(dependent)},
+        id = id, urgent = true})
+      redis.call('HSET', KEYS[12], id, chunk)
+      ready[#ready + 1] = chunk
+    end
+  end
+end
 for i = 4, #ARGV, 7 do
   local index, epoch, status, record = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local degraded, failure, checkpointed = ARGV[i + 4] == '1', ARGV[i + 5], ARGV[i + 6]
@@ -78,6 +101,9 @@ for i = 4, #ARGV, 7 do
       end
     end
     append(event)
+    if not is_reduce then
+      release_dependents(index)
+    end
     committed = committed + 1
     landed[#landed + 1] = '1'
   end
@@ -129,4 +155,4 @@ if committed > 0 then
   end
   redis.call('PUBLISH', notify, committed)
 end
-return {committed, refused, finished, table.concat(landed), unsnapshotted, reduce_chunk}
+return {committed, refused, finished, table.concat(landed), unsnapshotted, reduce_chunk, ready}
