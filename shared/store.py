@@ -194,7 +194,8 @@ class JobStore:
         is kept as one more unit after the items (index = total), claimed once they have settled."""
         jk = self.keys.job(job_id)
         if reduce is not None:
-            unit = ItemSpec(tool=reduce.tool, server=reduce.server, arguments=reduce.arguments)
+            # Its arguments stay in the job's plan: they refer to the summary, not to an item's scope.
+            unit = ItemSpec(tool=reduce.tool, server=reduce.server)
             await self.client.hset(jk.items, str(len(items)), unit.model_dump_json(exclude_none=True))
         for start in range(0, len(items), WRITE_BATCH):
             batch = items[start : start + WRITE_BATCH]

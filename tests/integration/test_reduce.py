@@ -85,8 +85,9 @@ def test_the_reduce_sees_every_success_and_failure_once(
     assert status.finished_at_ms is not None and status.finished_at_ms >= record.finished_at_ms
 
 
-def test_a_stalled_reduce_runs_again_elsewhere_and_its_late_commit_is_refused(
-    redis_url: str, tmp_path: Path, stop_workers: list[Cluster]
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "stalled"])
+def test_a_reduce_whose_worker_dies_or_stalls_runs_again_elsewhere_once(
+    how: signal.Signals, redis_url: str, tmp_path: Path, stop_workers: list[Cluster]
 ) -> None:
     cluster = make_cluster(tmp_path, redis_url, {"demo": stdio_demo()}, extra=FAST_LEASES)
     stop_workers.append(cluster)
@@ -103,14 +104,16 @@ def test_a_stalled_reduce_runs_again_elsewhere_and_its_late_commit_is_refused(
         return holder.split()[0] if holder else None
 
     first = wait_until(reduce_holder, 60, "a worker runs the reduce")
-    os.kill(worker_pid(first), signal.SIGSTOP)
+    os.kill(worker_pid(first), how)
     try:
         status = cluster.wait_for_job(job_id, timeout=60)
     finally:
-        os.kill(worker_pid(first), signal.SIGCONT)
+        if how == signal.SIGSTOP:
+            os.kill(worker_pid(first), signal.SIGCONT)
     assert status.state == "finished" and status.reduce is not None and status.reduce.status == "succeeded"
     assert reduce_record(cluster, job_id).worker != first
-    wait_until(lambda: refused(cluster, job_id) >= 1, 30, "the stalled worker's late commit refused")
+    if how == signal.SIGSTOP:
+        wait_until(lambda: refused(cluster, job_id) >= 1, 30, "the stalled worker's late commit refused")
     kinds = Counter(e["type"] for e in job_events(cluster, job_id))
     assert (kinds["reduce.settled"], kinds["job.completed"]) == (1, 1)
 
