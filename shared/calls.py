@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +30,7 @@ from shared.errors import (
 from shared.execution import CALLING, Draining, ExecutionContext
 from shared.models import CallResult, ItemError, item_id
 from shared.settings import RetryPolicy
+from shared.store import Claim
 
 UNKNOWN_TOOL_PREFIX = "Unknown tool:"
 MAX_HELD_ATTEMPTS = 50  # calls that found the server unreachable and were not counted, per item
@@ -95,6 +96,36 @@ class CallTarget:
     timeout_s: float
     step: str = SINGLE_CALL_STEP
     urgent: bool = False
+
+
+def target_for(
+    ctx: ExecutionContext,
+    job_id: str,
+    claim: Claim,
+    server: str,
+    tool: str,
+    arguments: dict[str, Any],
+    *,
+    retry: Sequence[RetryPolicy | None] = (),
+    timeout_s: float | None = None,
+    step: str = SINGLE_CALL_STEP,
+    urgent: bool = False,
+) -> CallTarget:
+    """A call for a claimed item: the first of ``retry`` that is set (a step's, then the job's),
+    else the server's policy; ``timeout_s`` if set, else the server's."""
+    config = ctx.settings.server(server)
+    return CallTarget(
+        job_id=job_id,
+        index=claim.index,
+        epoch=claim.epoch,
+        server=server,
+        tool=tool,
+        arguments=arguments,
+        policy=next((policy for policy in retry if policy is not None), config.retry),
+        timeout_s=timeout_s or config.timeout_s,
+        step=step,
+        urgent=urgent,
+    )
 
 
 async def call_tool(ctx: ExecutionContext, target: CallTarget) -> CallOutcome:

@@ -9,7 +9,7 @@ from dataclasses import replace
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from shared.calls import CallTarget, call_tool
+from shared.calls import call_tool, target_for
 from shared.errors import RedisUnavailable
 from shared.execution import CALLING, RELEASED, WAITING, ChunkHandedBack, Draining, ExecutionContext
 from shared.jobs import feed_next
@@ -40,21 +40,8 @@ async def call_item(
     spec = claim.spec
     server = spec.server or ""
     tool = spec.tool or ""
-    config = ctx.settings.server(server)
-    outcome = await call_tool(
-        ctx,
-        CallTarget(
-            job_id=job_id,
-            index=claim.index,
-            epoch=claim.epoch,
-            server=server,
-            tool=tool,
-            arguments=spec.arguments,
-            policy=policy or config.retry,
-            timeout_s=config.timeout_s,
-            urgent=urgent,
-        ),
-    )
+    target = target_for(ctx, job_id, claim, server, tool, spec.arguments, retry=(policy,), urgent=urgent)
+    outcome = await call_tool(ctx, target)
     return ResultRecord(
         item_id=item_id(job_id, claim.index),
         job_id=job_id,

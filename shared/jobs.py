@@ -510,22 +510,8 @@ async def cancel_job(
         if not indexes:
             continue
         specs = await store.item_specs(job_id, indexes)
-        finished = now_ms()
         settlements = [
-            Settlement(
-                record=ResultRecord(
-                    item_id=item_id(job_id, index),
-                    job_id=job_id,
-                    index=index,
-                    tool=spec.tool or "pipeline",
-                    server=spec.server or "",
-                    key=spec.key,
-                    status="cancelled",
-                    finished_at_ms=finished,
-                ),
-                epoch=0,
-            )
-            for index, spec in specs.items()
+            Settlement(record=cancelled(job_id, index, spec), epoch=0) for index, spec in specs.items()
         ]
         ready = (await store.commit(job_id, settlements, force=True)).reduce_chunk or ready
     if status.reduce is not None and not run_reduce:
@@ -539,17 +525,22 @@ async def _cancel_reduce(store: JobStore, job_id: str, index: int) -> None:
     specs = await store.item_specs(job_id, [index])
     if index not in specs or not await store.unsettled(job_id, [index]):
         return
-    spec = specs[index]
-    record = ResultRecord(
+    await store.commit(
+        job_id, [Settlement(record=cancelled(job_id, index, specs[index]), epoch=0)], force=True
+    )
+
+
+def cancelled(job_id: str, index: int, spec: ItemSpec) -> ResultRecord:
+    return ResultRecord(
         item_id=item_id(job_id, index),
         job_id=job_id,
         index=index,
-        tool=spec.tool or "",
+        tool=spec.tool or "pipeline",
         server=spec.server or "",
+        key=spec.key,
         status="cancelled",
         finished_at_ms=now_ms(),
     )
-    await store.commit(job_id, [Settlement(record=record, epoch=0)], force=True)
 
 
 def _summarise(errors: list[str]) -> str:

@@ -9,7 +9,7 @@ import json
 import time
 from typing import Any
 
-from shared.calls import CallTarget, call_tool
+from shared.calls import call_tool, target_for
 from shared.errors import InvalidArguments, ToolswarmError
 from shared.execution import ExecutionContext
 from shared.models import ItemError, ReduceSpec, ResultRecord, item_id
@@ -47,7 +47,6 @@ async def run_reduce(ctx: ExecutionContext, job_id: str, claim: Claim, plan: Job
     assert reduce is not None
     started = time.perf_counter()
     server = reduce.server or ""
-    config = ctx.settings.server(server)
     base = ResultRecord(
         item_id=item_id(job_id, claim.index),
         job_id=job_id,
@@ -62,21 +61,19 @@ async def run_reduce(ctx: ExecutionContext, job_id: str, claim: Claim, plan: Job
         return base.model_copy(
             update={"error": error, "duration_ms": _ms(started), "finished_at_ms": now_ms()}
         )
-    outcome = await call_tool(
+    target = target_for(
         ctx,
-        CallTarget(
-            job_id=job_id,
-            index=claim.index,
-            epoch=claim.epoch,
-            server=server,
-            tool=reduce.tool,
-            arguments=arguments,
-            policy=reduce.retry or plan.retry or config.retry,
-            timeout_s=reduce.timeout_s or config.timeout_s,
-            step=REDUCE_STEP,
-            urgent=True,
-        ),
+        job_id,
+        claim,
+        server,
+        reduce.tool,
+        arguments,
+        retry=(reduce.retry, plan.retry),
+        timeout_s=reduce.timeout_s,
+        step=REDUCE_STEP,
+        urgent=True,
     )
+    outcome = await call_tool(ctx, target)
     return base.model_copy(
         update={
             "status": "failed" if outcome.error else "succeeded",

@@ -10,7 +10,7 @@ from typing import Any
 
 from jmespath.exceptions import JMESPathError
 
-from shared.calls import CallTarget, call_tool
+from shared.calls import call_tool, target_for
 from shared.errors import InvalidArguments, ToolswarmError
 from shared.execution import ExecutionContext
 from shared.models import ItemError, ResultRecord, StepRecord, StepSpec, item_id
@@ -75,7 +75,6 @@ async def run_step(
 ) -> StepRecord:
     """Resolve the step's references, check what they gave against the tool's schema, call it."""
     server = step.server or ""
-    config = ctx.settings.server(server)
     completed = [name for name, record in records.items() if record.status in CHECKPOINTED]
     arguments: dict[str, Any] | None = step.arguments
     if any(True for _ in find_references(step.arguments)):
@@ -89,21 +88,19 @@ async def run_step(
             error = ItemError(type=invalid.error_type, message=invalid.message, retryable=invalid.retryable)
             return failed_step(step, error, 0, 0.0, completed, arguments)
     assert arguments is not None
-    outcome = await call_tool(
+    target = target_for(
         ctx,
-        CallTarget(
-            job_id=job_id,
-            index=claim.index,
-            epoch=claim.epoch,
-            server=server,
-            tool=step.tool,
-            arguments=arguments,
-            policy=step.retry or job_retry or config.retry,
-            timeout_s=step.timeout_s or config.timeout_s,
-            step=step.name,
-            urgent=urgent,
-        ),
+        job_id,
+        claim,
+        server,
+        step.tool,
+        arguments,
+        retry=(step.retry, job_retry),
+        timeout_s=step.timeout_s,
+        step=step.name,
+        urgent=urgent,
     )
+    outcome = await call_tool(ctx, target)
     if outcome.error is not None:
         return failed_step(step, outcome.error, outcome.attempts, outcome.duration_ms, completed, arguments)
     assert outcome.result is not None
