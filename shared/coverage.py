@@ -47,6 +47,7 @@ class JobCoverage:
     backlog_chunks: int
     records: dict[str, Chunk]  # outstanding chunks, by id
     uncovered_since: dict[str, int]  # chunk id (or WHOLE_JOB) -> ms first seen uncovered
+    cancel_reduce: bool = False  # cancelled with its reduce (cancel --no-reduce)
 
     @property
     def unsettled(self) -> int:
@@ -69,13 +70,20 @@ async def read_coverage(store: JobStore, job_id: str) -> JobCoverage | None:
     """The job's coverage bookkeeping in one round trip; None when the job no longer exists."""
     jk = store.keys.job(job_id)
     async with store.client.pipeline(transaction=False) as pipe:
-        pipe.hmget(jk.meta, "state", "total", "cancel_requested")
+        pipe.hmget(jk.meta, "state", "total", "cancel_requested", "cancel_reduce")
         pipe.hlen(jk.results)
         pipe.hlen(jk.running)
         pipe.llen(jk.backlog)
         pipe.hgetall(jk.chunks)
         pipe.hgetall(jk.uncovered)
-        (state, total, cancel), settled, running, backlog, records, uncovered = await pipe.execute()
+        (
+            (state, total, cancel, cancel_reduce),
+            settled,
+            running,
+            backlog,
+            records,
+            uncovered,
+        ) = await pipe.execute()
     if state is None:
         return None
     return JobCoverage(
@@ -83,6 +91,7 @@ async def read_coverage(store: JobStore, job_id: str) -> JobCoverage | None:
         state=state,
         total=int(total or 0),
         cancel_requested=bool(cancel),
+        cancel_reduce=bool(cancel_reduce),
         settled=int(settled),
         running=int(running),
         backlog_chunks=int(backlog),
@@ -163,8 +172,8 @@ async def sweep(store: JobStore, enqueuer: Enqueuer, settings: Settings) -> int:
         if coverage is None or coverage.state in ("finished", "cancelled"):
             await store.client.srem(store.keys.active, job_id)
             continue
-        if coverage.cancel_requested and coverage.unsettled > 0:
-            # A cancel that died half-way: finish it rather than rerun items.
+        if coverage.cancel_requested and (coverage.unsettled > 0 or coverage.cancel_reduce):
+            # A cancel that died half-way: finish it rather than rerun items (or the reduce).
             await cancel_job(store, job_id, enqueuer)
             continue
         now = now_ms()

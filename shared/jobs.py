@@ -229,7 +229,7 @@ def resolve_items(spec: JobSpec, settings: Settings) -> list[ItemSpec]:
     for number, item in enumerate(spec.items, start=1):
         where = item.where(number)
         if pipeline is not None:
-            if item.tool is not None or item.steps is not None or item.arguments or item.server:
+            if item.tool is not None or item.steps is not None or item.arguments or item.server or item.needs:
                 errors.append(f"{where}: the job has a pipeline: an item carries only input and key")
                 continue
             resolved.append(item.model_copy(update={"server": pipeline.steps[0].server}))
@@ -374,9 +374,14 @@ async def submit_job(spec: JobSpec, settings: Settings, store: JobStore, enqueue
         servers.update(step.server or "" for step in (pipeline.steps if pipeline else ()))
         if reduce is not None:
             servers.add(reduce.server or "")
-        needs, _ = plan_needs(items)
-        await store.create_job(job_id, items, servers, state_mode, spec.retry, pipeline, reduce, needs)
-        chunks = plan_chunks(job_id, items, spec.chunk_size or settings.worker.chunk_size)
+        needs, problems = plan_needs(items)
+        if problems:  # resolve_items refuses these; never write a job whose needs cannot settle
+            raise JobSpecError(_summarise(problems))
+        chunk_size = spec.chunk_size or settings.worker.chunk_size
+        await store.create_job(
+            job_id, items, servers, state_mode, spec.retry, pipeline, reduce, needs, chunk_size
+        )
+        chunks = plan_chunks(job_id, items, chunk_size)
         window = await job_window(store, settings)
         await store.push_backlog(job_id, chunks[window:])
         await send_chunks(store, enqueuer, chunks[:window])
@@ -458,6 +463,16 @@ async def retry_job(
     if not chosen:
         raise JobSpecError(f"job {job_id} has no {status} items{_filters(error_type, step)} to retry")
     specs = await store.item_specs(job_id, chosen)
+    retried_keys = {specs[i].key for i in chosen}
+    outside = [
+        (specs[i].key, need) for i in chosen for need in specs[i].needs or () if need not in retried_keys
+    ]
+    if outside:
+        said = ", ".join(f"{key!r} needs {need!r}" for key, need in outside[:5])
+        raise JobSpecError(
+            f"cannot retry items whose needs are not retried with them ({said}): "
+            "widen the filter to take their needs too"
+        )
     items = [specs[i].model_copy(update={"server": None}) if plan.pipeline else specs[i] for i in chosen]
     spec = JobSpec(
         items=items,
@@ -500,8 +515,9 @@ async def cancel_job(
 ) -> JobStatus:
     """Stop a job: no item starts after this, and every unsettled item settles as cancelled. A
     job's reduce still runs over what settled (cancelled items among the failed), unless
-    ``run_reduce`` is false: then it settles as cancelled too."""
-    await store.request_cancel(job_id)
+    ``run_reduce`` is false: then it settles as cancelled too (and stays so, whoever finishes a
+    cancel that died half-way)."""
+    run_reduce = await store.request_cancel(job_id, cancel_reduce=not run_reduce) and run_reduce
     await store.client.delete(store.keys.job(job_id).backlog)
     status = await store.status(job_id)
     ready: Chunk | None = None

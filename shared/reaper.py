@@ -21,7 +21,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from shared.coverage import sweep
-from shared.jobs import Enqueuer, cut_chunks, feed_next, send_chunks
+from shared.jobs import Enqueuer, cut_chunks, feed_next, send_chunks, send_ready
 from shared.models import Chunk, ItemError, ResultRecord, item_id
 from shared.settings import Settings
 from shared.store import ISOLATED_CALL_LOST, ISOLATED_LOST_EARLY, JobStore, LostLease, Settlement, now_ms
@@ -109,7 +109,10 @@ async def reap_once(store: JobStore, enqueuer: Enqueuer, settings: Settings, wor
                     case _:
                         again[server].append(lost.index)
             if poison:
-                poisoned += (await store.commit(job_id, poison, force=True)).committed
+                outcome = await store.commit(job_id, poison, force=True)
+                poisoned += outcome.committed
+                # Settling an item can make its dependents or the job's reduce ready.
+                await send_ready(enqueuer, [*outcome.ready, *filter(None, [outcome.reduce_chunk])])
             chunks = cut_chunks(job_id, again, settings.worker.chunk_size, urgent=True)
             await store.mark_suspects(job_id, [c.items[0] for c in alone])
             await send_chunks(store, enqueuer, [*chunks, *alone])

@@ -189,6 +189,7 @@ class JobStore:
         pipeline: PipelineSpec | None = None,
         reduce: ReduceSpec | None = None,
         needs: Needs | None = None,
+        chunk_size: int = 50,
     ) -> None:
         """Write the job record and its items in pipelined batches, then make it visible. A reduce
         is kept as one more unit after the items (index = total), claimed once they have settled."""
@@ -226,6 +227,7 @@ class JobStore:
                     "servers": ",".join(sorted(set(servers))),
                     "state_mode": state_mode,
                     "version": 0,
+                    "chunk_size": chunk_size,
                     **({"retry": retry.model_dump_json()} if retry else {}),
                     **({"pipeline": pipeline.model_dump_json(exclude_defaults=True)} if pipeline else {}),
                     **(
@@ -564,11 +566,16 @@ class JobStore:
         flags = await self.client.hmget(jk.results, [str(i) for i in indexes])
         return [i for i, raw in zip(indexes, flags, strict=True) if raw is None]
 
-    async def request_cancel(self, job_id: str) -> None:
+    async def request_cancel(self, job_id: str, cancel_reduce: bool = False) -> bool:
+        """Mark the job cancelled (and, with ``cancel_reduce``, its reduce too: claim.lua then never
+        runs it). Returns whether its reduce may still run."""
         jk = self.keys.job(job_id)
         if not await self.client.exists(jk.meta):
             raise JobNotFound(f"job {job_id} does not exist")
-        await self.client.hset(jk.meta, "cancel_requested", "1")
+        await self.client.hset(
+            jk.meta, mapping={"cancel_requested": "1", **({"cancel_reduce": "1"} if cancel_reduce else {})}
+        )
+        return not await self.client.hexists(jk.meta, "cancel_reduce")
 
     async def push_backlog(self, job_id: str, chunks: Sequence[Chunk]) -> None:
         if not chunks:

@@ -23,9 +23,10 @@ if state == 'finished' or state == 'cancelled' then
   return {}
 end
 -- A job's reduce (index = total, when it has one) may run only once every item has settled, and
--- still runs after a cancel; nothing else does after a cancel.
-local job = redis.call('HMGET', meta, 'total', 'reduce_server', 'cancel_requested')
-local reduce_index = job[2] and job[1]
+-- still runs after a cancel (unless cancelled with it: cancel_reduce); nothing else does after a
+-- cancel.
+local job = redis.call('HMGET', meta, 'total', 'reduce_server', 'cancel_requested', 'cancel_reduce')
+local reduce_index = job[2] and not job[4] and job[1]
 local cancelled = job[3]
 if cancelled and not reduce_index then
   return {}

@@ -47,6 +47,10 @@ local committed, refused = 0, 0
 local landed = {}
 local ready = {}
 
+local ready_by_server = {}
+local ready_servers = {}
+
+-- Count down the dependents of a settled item; those whose last need this was are ready.
 local function release_dependents(index)
   local dependents = redis.call('HGET', KEYS[15], index)
   if not dependents then
@@ -55,15 +59,35 @@ local function release_dependents(index)
   for dependent in string.gmatch(dependents, '%S+') do
     local left = redis.call('HINCRBY', KEYS[14], dependent, -1)
     if left <= 0 and redis.call('HEXISTS', results, dependent) == 0 then
-      local spec = cjson.decode(redis.call('HGET', KEYS[13], dependent))
-      local id = job_id .. '-ready-' .. dependent
-      local chunk = cjson.encode({job_id = job_id, server = spec.server or '', items = {tonumber(dependent)},
-        id = id, urgent = true})
+      local server = cjson.decode(redis.call('HGET', KEYS[13], dependent)).server or ''
+      if not ready_by_server[server] then
+        ready_by_server[server] = {}
+        ready_servers[#ready_servers + 1] = server
+      end
+      local waiting = ready_by_server[server]
+      waiting[#waiting + 1] = tonumber(dependent)
+    end
+  end
+end
+
+-- The ready items as chunks of the job's chunk size, recorded as outstanding.
+local function ready_chunks()
+  local size = tonumber(redis.call('HGET', meta, 'chunk_size') or '50')
+  for _, server in ipairs(ready_servers) do
+    local indexes = ready_by_server[server]
+    for start = 1, #indexes, size do
+      local items = {}
+      for i = start, math.min(start + size - 1, #indexes) do
+        items[#items + 1] = indexes[i]
+      end
+      local id = job_id .. '-ready-' .. items[1]
+      local chunk = cjson.encode({job_id = job_id, server = server, items = items, id = id})
       redis.call('HSET', KEYS[12], id, chunk)
       ready[#ready + 1] = chunk
     end
   end
 end
+
 for i = 4, #ARGV, 7 do
   local index, epoch, status, record = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local degraded, failure, checkpointed = ARGV[i + 4] == '1', ARGV[i + 5], ARGV[i + 6]
@@ -111,6 +135,7 @@ end
 if refused > 0 then
   redis.call('HINCRBY', meta, 'refused_commits', refused)
 end
+ready_chunks()
 
 local finished = 0
 local unsnapshotted = 0

@@ -145,3 +145,30 @@ def test_bad_needs_are_refused_at_submit(
     (tmp_path / "items.jsonl").write_text("".join(json.dumps(i) + "\n" for i in lines))
     out = cluster.cli("submit", "items.jsonl", "--server", "demo")
     assert out.returncode == 1 and fragment in out.stderr, out.stderr
+
+
+def test_retry_takes_items_with_needs_only_with_their_needs(
+    redis_url: str, tmp_path: Path, stop_workers: list[Cluster]
+) -> None:
+    cluster = make_cluster(tmp_path, redis_url, {"demo": stdio_demo()})
+    stop_workers.append(cluster)
+    cluster.start_workers(1)
+    items = [
+        {"key": "a", "tool": "fail", "arguments": {"message": "a failed"}},
+        {"key": "b", "needs": ["a"], "tool": "echo", "arguments": {"text": {"$from": "needs.a.text"}}},
+    ]
+    (tmp_path / "items.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
+    job_id = json.loads(cluster.cli("submit", "items.jsonl", "--server", "demo", "--json").stdout)["job_id"]
+    assert cluster.wait_for_job(job_id, timeout=60).failed == 2
+
+    alone = cluster.cli("retry", job_id, "--error-type", "dependency_failed")
+    assert alone.returncode == 1 and "'b' needs 'a'" in alone.stderr, alone.stderr
+    both = cluster.cli("retry", job_id, "--json")
+    assert both.returncode == 0, both.stderr
+    again = json.loads(both.stdout)["job_id"]
+    status = cluster.wait_for_job(again, timeout=60)
+    assert (status.total, status.failed) == (2, 2)
+    assert {(f.step, f.error_type) for f in status.failures} == {
+        ("call", "tool_error"),
+        ("call", "dependency_failed"),
+    }
