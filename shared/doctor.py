@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 from shared.coverage import WHOLE_JOB, active_jobs, broker_view, read_coverage
 from shared.errors import JobNotFound
 from shared.jobs import BrokerView, Enqueuer
-from shared.models import Chunk, ItemSpec
+from shared.models import Chunk, ItemSpec, ReduceStatus
 from shared.probes import last_probe
 from shared.settings import Settings
 from shared.store import JobStore, now_ms
@@ -60,7 +60,8 @@ class JobDiagnosis(BaseModel):
     leases: dict[str, int] = Field(default_factory=dict)  # live leases by worker
     expired_leases: int = 0  # the reaper's to take back
     servers: list[ServerHealth] = Field(default_factory=list)
-    waiting_on_needs: int = 0  # items whose dependencies have not settled (none before issue 13)
+    waiting_on_needs: int = 0  # items whose needs have not all settled
+    reduce: ReduceStatus | None = None  # the job's reduce, if it has one
     uncovered: Uncovered = Field(default_factory=Uncovered)
     broker_readable: bool = True
     why: str = ""
@@ -106,9 +107,11 @@ async def diagnose_job(store: JobStore, job_id: str, in_broker: BrokerView | Non
         unsettled=coverage.unsettled,
         restored_items=int(meta.get("restored_items", 0)),
         broker_readable=in_broker is not None,
+        reduce=(await store.status(job_id)).reduce,
     )
     if coverage.state in ("finished", "cancelled"):
         return diagnosis
+    diagnosis.waiting_on_needs = sum(1 for left in await store.client.hvals(jk.waiting) if int(left) > 0)
     settled = await _settled_among(store, job_id, [i for c in coverage.records.values() for i in c.items])
     for chunk in coverage.records.values():
         open_items = len([i for i in chunk.items if i not in settled])
@@ -228,6 +231,8 @@ def explain(job: JobDiagnosis, workers: list[WorkerLife], stranded_after_s: floa
             f"{job.expired_leases} items' leases expired (worker died or stalled): the reaper takes them back"
         )
     in_flight = sum(job.leases.values())
+    if job.unsettled <= 0 and job.reduce is not None:
+        return f"every item settled; its reduce is {job.reduce.status}"
     if job.waiting_on_needs and not in_flight:
         return f"{job.waiting_on_needs} items wait on items they need"
     if in_flight:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from shared.doctor import ChunkCount, JobDiagnosis, ServerHealth, Uncovered, WorkerLife, explain
+from shared.models import ReduceStatus
 
 WORKER = [WorkerLife(worker="host:1", pid=1, last_heartbeat_s=0.3)]
 
@@ -41,6 +42,12 @@ def job(**fields: object) -> JobDiagnosis:
             "running: 6 items in flight",
         ),
         (job(state="pending", queued=ChunkCount(chunks=1, items=6)), WORKER, "waiting for a worker"),
+        (job(waiting_on_needs=3), WORKER, "3 items wait on items they need"),
+        (
+            job(settled=10, unsettled=0, reduce=ReduceStatus(status="running")),
+            WORKER,
+            "every item settled; its reduce is running",
+        ),
     ],
 )
 def test_explain(diagnosis: JobDiagnosis, workers: list[WorkerLife], starts: str) -> None:
