@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ import httpx2
 import pytest
 
 from cli.processes import free_port, stop_processes, wait_for_port
-from tests.harness import Cluster, make_cluster, stdio_demo
+from tests.harness import Cluster, make_cluster, stdio_demo, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -45,13 +44,12 @@ def api(
 
 
 def wait_done(client: httpx2.Client, job_id: str, timeout: float = 60) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def done() -> dict[str, Any] | None:
         status: dict[str, Any] = client.get(f"/v1/jobs/{job_id}").json()
-        if status["state"] in ("finished", "cancelled"):
-            return status
-        time.sleep(0.1)
-    raise TimeoutError(job_id)
+        return status if status["state"] in ("finished", "cancelled") else None
+
+    found: dict[str, Any] = wait_until(done, timeout, f"job {job_id} done")
+    return found
 
 
 def echo_job(count: int) -> dict[str, Any]:

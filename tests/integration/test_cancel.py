@@ -12,7 +12,7 @@ import pytest
 
 from shared.models import JobStatus, ResultRecord
 from shared.store import JobStore
-from tests.harness import Cluster, make_cluster, stdio_demo
+from tests.harness import Cluster, make_cluster, stdio_demo, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -33,14 +33,12 @@ def job_view(cluster: Cluster, job_id: str) -> JobStatus:
 
 
 def wait_for_settled(cluster: Cluster, job_id: str, count: int, timeout: float = 30) -> JobStatus:
-    deadline = time.monotonic() + timeout
-    while True:
+    def enough() -> JobStatus | None:
         status = job_view(cluster, job_id)
-        if status.settled >= count:
-            return status
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"fewer than {count} items settled after {timeout}s: {status}")
-        time.sleep(0.05)
+        return status if status.settled >= count else None
+
+    found: JobStatus = wait_until(enough, timeout, f"{count} items settled")
+    return found
 
 
 def snapshot(cluster: Cluster, job_id: str) -> tuple[dict[str, str], dict[str, str], int, int]:

@@ -12,8 +12,8 @@ import pytest
 from cli.processes import free_port
 from shared.probes import last_probe
 from shared.store import JobStore
-from tests.harness import Cluster, http_demo, make_cluster
-from tests.integration.test_failover import FAST_LEASES, sleeps, submit, wait_until
+from tests.harness import Cluster, http_demo, make_cluster, wait_until
+from tests.integration.test_failover import FAST_LEASES, sleeps, submit
 
 pytestmark = pytest.mark.integration
 

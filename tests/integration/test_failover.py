@@ -19,7 +19,7 @@ from shared.embedded import EmbeddedRedis
 from shared.models import JobStatus, ResultRecord
 from shared.settings import Settings
 from shared.store import JobStore
-from tests.harness import Cluster, http_demo, make_cluster, start_demo_http, stdio_demo
+from tests.harness import Cluster, http_demo, make_cluster, start_demo_http, stdio_demo, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -56,16 +56,6 @@ def holders(cluster: Cluster, job_id: str) -> Counter[str]:
 
     result: Counter[str] = cluster.run(cluster.with_store(read))
     return result
-
-
-def wait_until(predicate: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise TimeoutError(f"not within {timeout}s: {what}")
 
 
 def worker_pid(worker_id: str) -> int:

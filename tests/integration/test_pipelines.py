@@ -16,12 +16,11 @@ import pytest
 
 from shared.models import JobStatus, ResultRecord
 from shared.store import JobStore
-from tests.harness import Cluster, demo_http_server, http_demo, make_cluster, stdio_demo
+from tests.harness import Cluster, demo_http_server, http_demo, make_cluster, stdio_demo, wait_until
 from tests.integration.test_failover import (
     FAST_LEASES,
     holders,
     settled_exactly_once,
-    wait_until,
     worker_pid,
 )
 from workers.demo_server import document

@@ -14,8 +14,8 @@ import pytest
 
 from shared.models import JobStatus, ResultRecord
 from shared.store import JobStore
-from tests.harness import Cluster, make_cluster, stdio_demo
-from tests.integration.test_failover import FAST_LEASES, refused, wait_until, worker_pid
+from tests.harness import Cluster, make_cluster, stdio_demo, wait_until
+from tests.integration.test_failover import FAST_LEASES, refused, worker_pid
 
 pytestmark = pytest.mark.integration
 
