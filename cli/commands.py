@@ -19,6 +19,7 @@ from shared.doctor import Diagnosis, diagnose
 from shared.embedded import redis_url
 from shared.errors import ConfigError, JobSpecError
 from shared.jobs import (
+    Enqueuer,
     Submitted,
     cancel_job,
     read_items_file,
@@ -91,21 +92,25 @@ def submit(
     resolve_items(spec, settings)  # refuse bad input before touching Redis or the broker
 
     async def go() -> Submitted:
-        from workers.app import CeleryEnqueuer, create_app
-
         async with open_store(settings) as store:
-            enqueuer = CeleryEnqueuer(create_app(settings), store.keys)
+            enqueuer = celery_enqueuer(settings, store)
             return await submit_job(spec, settings, store, enqueuer)
 
     return asyncio.run(go())
 
 
+def celery_enqueuer(settings: Settings, store: JobStore) -> Enqueuer:
+    """The broker side of the commands that enqueue or read queues (imported late: Celery's app
+    costs a second to import, and most commands never need it)."""
+    from workers.app import CeleryEnqueuer, create_app
+
+    return CeleryEnqueuer(create_app(settings), store.keys)
+
+
 def doctor(settings: Settings, job_id: str | None) -> Diagnosis:
     async def go() -> Diagnosis:
-        from workers.app import CeleryEnqueuer, create_app
-
         async with open_store(settings) as store:
-            enqueuer = CeleryEnqueuer(create_app(settings), store.keys)
+            enqueuer = celery_enqueuer(settings, store)
             return await diagnose(store, enqueuer, settings, job_id)
 
     return asyncio.run(go())
@@ -121,10 +126,8 @@ def status(settings: Settings, job_id: str) -> JobStatus:
 
 def cancel(settings: Settings, job_id: str, run_reduce: bool = True) -> JobStatus:
     async def go() -> JobStatus:
-        from workers.app import CeleryEnqueuer, create_app
-
         async with open_store(settings) as store:
-            enqueuer = CeleryEnqueuer(create_app(settings), store.keys)
+            enqueuer = celery_enqueuer(settings, store)
             return await cancel_job(store, job_id, enqueuer, run_reduce=run_reduce)
 
     return asyncio.run(go())
@@ -134,10 +137,8 @@ def retry(
     settings: Settings, job_id: str, status: str, error_type: str | None, step: str | None
 ) -> Submitted:
     async def go() -> Submitted:
-        from workers.app import CeleryEnqueuer, create_app
-
         async with open_store(settings) as store:
-            enqueuer = CeleryEnqueuer(create_app(settings), store.keys)
+            enqueuer = celery_enqueuer(settings, store)
             return await retry_job(
                 store, settings, enqueuer, job_id, status=status, error_type=error_type, step=step
             )

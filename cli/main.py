@@ -9,7 +9,7 @@ import sys
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -17,6 +17,9 @@ from rich.console import Console
 from cli import display
 from shared.errors import ToolswarmError
 from shared.settings import CONFIG_ENV, Settings, load_settings
+
+if TYPE_CHECKING:
+    from shared.jobs import Submitted
 
 T = TypeVar("T")
 
@@ -130,7 +133,7 @@ def submit(
         _report_submitted(submitted, watch=watch, as_json=as_json)
 
 
-def _report_submitted(submitted: Any, *, watch: bool, as_json: bool) -> None:
+def _report_submitted(submitted: Submitted, *, watch: bool, as_json: bool) -> None:
     from cli import commands
 
     if as_json:

@@ -107,7 +107,7 @@ async def diagnose_job(store: JobStore, job_id: str, in_broker: BrokerView | Non
         unsettled=coverage.unsettled,
         restored_items=int(meta.get("restored_items", 0)),
         broker_readable=in_broker is not None,
-        reduce=(await store.status(job_id)).reduce,
+        reduce=await store.reduce_status(job_id, meta),
     )
     if coverage.state in ("finished", "cancelled"):
         return diagnosis

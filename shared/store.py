@@ -464,7 +464,7 @@ class JobStore:
             pipe.hlen(jk.running)
             pipe.hgetall(jk.failures)
             meta, running, failures = await pipe.execute()
-        reduce = await self._reduce_status(jk, meta) if meta and "reduce" in meta else None
+        reduce = await self.reduce_status(job_id, meta)
         if not meta:
             raise JobNotFound(f"job {job_id} does not exist")
         total = int(meta["total"])
@@ -510,7 +510,11 @@ class JobStore:
             retried_by=meta.get("retried_by"),
         )
 
-    async def _reduce_status(self, jk: JobKeys, meta: dict[str, str]) -> ReduceStatus:
+    async def reduce_status(self, job_id: str, meta: dict[str, str]) -> ReduceStatus | None:
+        """Where the job's reduce is, given its meta (None for a job without one)."""
+        if "reduce" not in meta:
+            return None
+        jk = self.keys.job(job_id)
         index = meta["total"]
         async with self.client.pipeline(transaction=False) as pipe:
             pipe.hget(jk.results, index)

@@ -50,8 +50,13 @@ local ready = {}
 local ready_by_server = {}
 local ready_servers = {}
 
+local has_dependents = redis.call('EXISTS', KEYS[15]) == 1
+
 -- Count down the dependents of a settled item; those whose last need this was are ready.
 local function release_dependents(index)
+  if not has_dependents then
+    return
+  end
   local dependents = redis.call('HGET', KEYS[15], index)
   if not dependents then
     return
