@@ -10,74 +10,22 @@ from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.wire import InvalidJob, JobIn, JobsPage, ResultsPage, Submitted, to_job_spec
 from shared import events
 from shared.embedded import redis_url
 from shared.errors import JobNotFound, JobSpecError, RedisUnavailable
+from shared.fleet import ServerView, WorkerLife, live_workers, server_views
 from shared.jobs import Enqueuer, resolve_items, submit_job
 from shared.keys import Keys
-from shared.models import (
-    ItemSpec,
-    JobSpec,
-    JobStatus,
-    PipelineSpec,
-    ReduceSpec,
-    ResultRecord,
-    StateMode,
-    StepSpec,
-)
-from shared.settings import RetryPolicy, Settings
+from shared.models import JobState, JobStatus, ResultRecord
+from shared.settings import Settings
 from shared.store import JobStore, connect, ping
 
 MAX_RESULTS_PAGE = 1000
+MAX_JOBS_PAGE = 200
 SSE_BLOCK_MS = 1000
-
-
-class ItemIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    tool: str | None = Field(default=None, min_length=1)
-    arguments: dict[str, Any] = Field(default_factory=dict)
-    server: str | None = None
-    key: str | None = None
-    input: dict[str, Any] | None = None
-    steps: list[StepSpec] | None = None
-
-
-class JobIn(BaseModel):
-    """A job: items, with ``server`` and ``tool`` filling in items that name none."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    items: list[ItemIn] = Field(min_length=1)
-    server: str | None = None
-    tool: str | None = None
-    pipeline: PipelineSpec | None = Field(default=None, description="Steps applied to every item's input.")
-    reduce: ReduceSpec | None = Field(default=None, description="One call over the job summary, at the end.")
-    chunk_size: int | None = Field(default=None, ge=1, le=10_000)
-    state_mode: StateMode | None = None
-    retry: RetryPolicy | None = Field(default=None, description="Overrides the servers' retry policies.")
-    validate_arguments: bool = Field(default=True, description="Check arguments against the tools' schemas.")
-
-
-class Submitted(BaseModel):
-    job_id: str
-    total: int
-    existing: bool
-
-
-class ResultsPage(BaseModel):
-    results: list[ResultRecord]
-    next_cursor: str | None = Field(description="Pass as ?cursor= for the next page; null at the end.")
-
-
-class ServerOut(BaseModel):
-    name: str
-    transport: str
-    max_concurrency: int
-    timeout_s: float
 
 
 def problem(status: int, message: str, errors: list[dict[str, Any]] | None = None) -> JSONResponse:
@@ -121,49 +69,6 @@ class BodyLimit:
                 await send(message)
 
         await self.app(scope, limited, unless_refused)
-
-
-def to_job_spec(body: JobIn, idempotency_key: str | None) -> JobSpec:
-    """Fill defaults, reporting every item without a tool by its field path."""
-    errors = [
-        {"loc": ["body", "items", i, "tool"], "msg": "no tool (name one on the item or for the whole job)"}
-        for i, item in enumerate(body.items)
-        if not (item.tool or body.tool or item.steps is not None or body.pipeline is not None)
-    ]
-    if errors:
-        raise _Invalid(errors)
-    items: list[ItemSpec] = []
-    item_errors: list[dict[str, Any]] = []
-    for i, item in enumerate(body.items):
-        fields = item.model_dump(exclude_unset=True)
-        if item.steps is None and body.pipeline is None:
-            fields["tool"] = item.tool or body.tool
-        try:
-            items.append(ItemSpec.model_validate(fields))
-        except ValidationError as exc:
-            item_errors += [{"loc": ["body", "items", i, *e["loc"]], "msg": e["msg"]} for e in exc.errors()]
-    if item_errors:
-        raise _Invalid(item_errors)
-    try:
-        return JobSpec(
-            items=items,
-            server=body.server,
-            tool=body.tool,
-            pipeline=body.pipeline,
-            reduce=body.reduce,
-            chunk_size=body.chunk_size,
-            state_mode=body.state_mode,
-            idempotency_key=idempotency_key,
-            retry=body.retry,
-            validate_arguments=body.validate_arguments,
-        )
-    except ValidationError as exc:
-        raise _Invalid([{"loc": ["body", *e["loc"]], "msg": e["msg"]} for e in exc.errors()]) from None
-
-
-class _Invalid(Exception):
-    def __init__(self, errors: list[dict[str, Any]]) -> None:
-        self.errors = errors
 
 
 def create_api(
@@ -220,8 +125,8 @@ def create_api(
     async def _bad_job(_: Request, exc: JobSpecError) -> JSONResponse:
         return problem(422, exc.message)
 
-    @api.exception_handler(_Invalid)
-    async def _invalid(_: Request, exc: _Invalid) -> JSONResponse:
+    @api.exception_handler(InvalidJob)
+    async def _invalid(_: Request, exc: InvalidJob) -> JSONResponse:
         return problem(422, "invalid job", exc.errors)
 
     @api.exception_handler(RedisUnavailable)
@@ -308,14 +213,26 @@ def create_api(
             if fields.get("type") == "job.completed":
                 return
 
-    @api.get("/v1/servers", response_model=list[ServerOut], dependencies=[Auth])
-    async def servers() -> list[ServerOut]:
-        return [
-            ServerOut(
-                name=name, transport=s.transport, max_concurrency=s.max_concurrency, timeout_s=s.timeout_s
-            )
-            for name, s in sorted(settings.servers.items())
-        ]
+    @api.get("/v1/jobs", response_model=JobsPage, dependencies=[Auth])
+    async def list_jobs(
+        state: JobState | None = None,
+        cursor: Annotated[str | None, Query(pattern=r"^\d+:[\w-]+$")] = None,
+        limit: Annotated[int, Query(ge=1, le=MAX_JOBS_PAGE)] = 50,
+    ) -> JobsPage:
+        """Jobs, newest first, optionally of one state; ``cursor`` is opaque. A filtered page may
+        come back short (it looks at a bounded number of jobs) with a cursor to go on from."""
+        jobs, next_cursor = await store().jobs_page(cursor, limit, state)
+        return JobsPage(jobs=jobs, next_cursor=next_cursor)
+
+    @api.get("/v1/servers", response_model=list[ServerView], dependencies=[Auth])
+    async def servers() -> list[ServerView]:
+        """Every configured server: health from its last probe, calls in flight, queued chunks."""
+        return await server_views(store(), settings)
+
+    @api.get("/v1/workers", response_model=list[WorkerLife], dependencies=[Auth])
+    async def workers() -> list[WorkerLife]:
+        """The live worker processes (their heartbeats in Redis)."""
+        return await live_workers(store())
 
     @api.get("/healthz")
     async def healthz() -> dict[str, bool]:

@@ -8,7 +8,6 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 from pydantic import ValidationError
 from rich.console import Console
@@ -18,6 +17,8 @@ from shared import events
 from shared.doctor import Diagnosis, diagnose
 from shared.embedded import redis_url
 from shared.errors import ConfigError, JobSpecError
+from shared.fleet import Fleet
+from shared.fleet import fleet as read_fleet
 from shared.jobs import (
     Enqueuer,
     Submitted,
@@ -30,9 +31,7 @@ from shared.jobs import (
     submit_job,
 )
 from shared.keys import Keys
-from shared.limiter import in_flight
 from shared.models import JobSpec, JobStatus, ResultRecord
-from shared.probes import last_probe
 from shared.settings import Settings, describe_validation_error
 from shared.store import JobStore, connect, ping
 
@@ -188,34 +187,12 @@ def watch(settings: Settings, job_id: str, console: Console) -> JobStatus:
     return asyncio.run(go())
 
 
-def server_load(settings: Settings) -> dict[str, dict[str, Any]]:
-    """Per server: calls in flight across the cluster, chunks waiting in its queue, last probe."""
+def fleet(settings: Settings) -> Fleet:
+    """Every server's health, load and queue, and the live workers."""
 
-    async def go() -> dict[str, dict[str, Any]]:
+    async def go() -> Fleet:
         async with open_store(settings) as store:
-            load = {}
-            for name in settings.servers:
-                queue = f"{settings.namespace}:celery:{store.keys.queue(name)}"
-                waiting = 0
-                async for key in store.client.scan_iter(match=f"{queue}*", _type="list"):
-                    waiting += await store.client.llen(key)
-                probed = await last_probe(store.client, store.keys, name)
-                load[name] = {
-                    "in_flight": await in_flight(store.client, store.keys, name),
-                    "queued_chunks": waiting,
-                    "probe": probed.model_dump() if probed else None,
-                }
-            return load
-
-    return asyncio.run(go())
-
-
-def live_workers(settings: Settings) -> list[dict[str, Any]]:
-    async def go() -> list[dict[str, Any]]:
-        async with open_store(settings) as store:
-            keys = [key async for key in store.client.scan_iter(match=store.keys.workers_pattern)]
-            raws = await store.client.mget(keys) if keys else []
-            return [json.loads(raw) for raw in raws if raw]
+            return await read_fleet(store, settings)
 
     return asyncio.run(go())
 

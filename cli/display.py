@@ -14,6 +14,8 @@ from shared.settings import Settings
 
 if TYPE_CHECKING:  # the doctor's models import the whole engine: not for every command's start-up
     from shared.doctor import ChunkCount, Diagnosis, JobDiagnosis
+    from shared.fleet import Fleet
+    from shared.probes import ProbeResult
 
 
 def job_progress(console: Console) -> Progress:
@@ -99,26 +101,27 @@ def print_summary(console: Console, job: JobStatus) -> None:
         console.print(f"to run them again: toolswarm retry {job.job_id}{which}")
 
 
-def print_servers(
-    console: Console, settings: Settings, workers: list[dict[str, Any]], load: dict[str, dict[str, Any]]
-) -> None:
+def print_servers(console: Console, settings: Settings, fleet: Fleet) -> None:
     table = Table(title="servers")
     columns = ("name", "transport", "endpoint", "max_concurrency", "in_flight", "queued_chunks", "health")
     for column in columns:
         table.add_column(column)
-    for name, server in sorted(settings.servers.items()):
+    for view in fleet.servers:
+        server = settings.servers[view.name]
         endpoint = server.url or " ".join([server.command or "", *server.args])
         table.add_row(
-            name,
+            view.name,
             server.transport,
             endpoint,
             str(server.max_concurrency),
-            str(load[name]["in_flight"]),
-            str(load[name]["queued_chunks"]),
-            probe_text(load[name]["probe"]),
+            str(view.in_flight),
+            str(view.queued_chunks),
+            probe_text(view.probe),
         )
     console.print(table)
-    console.print(f"{len(workers)} live worker process(es): " + ", ".join(w["worker"] for w in workers))
+    console.print(
+        f"{len(fleet.workers)} live worker process(es): " + ", ".join(w.worker for w in fleet.workers)
+    )
 
 
 def event_line(entry_id: str, fields: dict[str, str]) -> str:
@@ -127,12 +130,12 @@ def event_line(entry_id: str, fields: dict[str, str]) -> str:
     return f"{entry_id}  {kind:<14} job={fields.get('job_id', '?')} {rest}"
 
 
-def probe_text(probe: dict[str, Any] | None) -> str:
+def probe_text(probe: ProbeResult | None) -> str:
     if probe is None:
         return "not probed yet"
-    if probe["ok"]:
-        return f"[green]ok[/green] {probe['latency_ms']:.0f} ms, {probe['tool_count']} tools"
-    return f"[red]down[/red]: {probe['error']}"
+    if probe.ok:
+        return f"[green]ok[/green] {probe.latency_ms:.0f} ms, {probe.tool_count} tools"
+    return f"[red]down[/red]: {probe.error}"
 
 
 def _count(count: ChunkCount) -> str:

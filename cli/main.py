@@ -296,22 +296,25 @@ def servers(as_json: JsonFlag = False) -> None:
 
     with _errors_as_one_line():
         config = settings()
-        workers = commands.live_workers(config)
-        load = commands.server_load(config)
+        seen = commands.fleet(config)
         if as_json:
+            views = {view.name: view for view in seen.servers}
             print(
                 json.dumps(
                     {
                         "servers": {
-                            name: {**server.model_dump(exclude={"env", "headers"}), **load[name]}
+                            name: {
+                                **server.model_dump(exclude={"env", "headers"}),
+                                **views[name].model_dump(mode="json", exclude={"name", "transport"}),
+                            }
                             for name, server in config.servers.items()
                         },
-                        "workers": workers,
+                        "workers": [worker.model_dump(mode="json") for worker in seen.workers],
                     }
                 )
             )
         else:
-            display.print_servers(console, config, workers, load)
+            display.print_servers(console, config, seen)
 
 
 # --- processes --------------------------------------------------------------------------------

@@ -8,14 +8,13 @@ function of the diagnosis.
 
 from __future__ import annotations
 
-import json
-import time
 from collections import Counter
 
 from pydantic import BaseModel, Field
 
 from shared.coverage import WHOLE_JOB, active_jobs, broker_view, read_coverage
 from shared.errors import JobNotFound
+from shared.fleet import WorkerLife, live_workers
 from shared.jobs import BrokerView, Enqueuer
 from shared.models import Chunk, ItemSpec, ReduceStatus
 from shared.probes import last_probe
@@ -39,12 +38,6 @@ class ServerHealth(BaseModel):
 class Uncovered(ChunkCount):
     whole_job: bool = False  # no chunk, backlog entry or lease at all, with items unsettled
     for_s: float = 0.0  # the longest any of it has been uncovered
-
-
-class WorkerLife(BaseModel):
-    worker: str
-    pid: int | None = None
-    last_heartbeat_s: float | None = None  # seconds ago; None from a worker too old to say
 
 
 class JobDiagnosis(BaseModel):
@@ -184,26 +177,6 @@ async def _leases(store: JobStore, job_id: str, diagnosis: JobDiagnosis) -> None
                 leased_items=by_server[server],
             )
         )
-
-
-async def live_workers(store: JobStore) -> list[WorkerLife]:
-    keys = [key async for key in store.client.scan_iter(match=store.keys.workers_pattern)]
-    raws = await store.client.mget(keys) if keys else []
-    now = time.time()
-    workers = []
-    for raw in raws:
-        if not raw:
-            continue
-        record = json.loads(raw)
-        beat = record.get("beat_at")
-        workers.append(
-            WorkerLife(
-                worker=record["worker"],
-                pid=record.get("pid"),
-                last_heartbeat_s=None if beat is None else round(max(0.0, now - beat), 1),
-            )
-        )
-    return sorted(workers, key=lambda w: w.worker)
 
 
 def explain(job: JobDiagnosis, workers: list[WorkerLife], stranded_after_s: float) -> str:

@@ -114,8 +114,8 @@ class Keys:
         return f"{self.prefix}probe:{server}:lock"
 
     def tools(self, server: str) -> str:
-        """The server's tools and their input schemas (JSON), from its last good probe."""
-        return f"{self.prefix}tools:{server}"
+        """The server's tools (JSON list of name, description, input schema), from its last good probe."""
+        return f"{self.prefix}catalog:{server}"
 
     @property
     def backlogged(self) -> str:

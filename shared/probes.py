@@ -11,17 +11,24 @@ they wait, without burning attempts, and resume when a probe finds it healthy ag
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, TypeAdapter
 
 from shared.keys import Keys
 from shared.mcp_client import build_client, describe
 from shared.settings import ServerConfig, Settings
 
 HEALTH_CACHE_S = 0.5
+
+
+class ToolInfo(BaseModel):
+    """A tool as its server lists it: what the gateway's ``list_tools`` and submit's checks read."""
+
+    name: str
+    description: str | None = None
+    input_schema: dict[str, Any] = Field(default_factory=dict)
 
 
 class ProbeResult(BaseModel):
@@ -33,16 +40,22 @@ class ProbeResult(BaseModel):
     at_ms: int
 
 
-async def probe(name: str, config: ServerConfig) -> tuple[ProbeResult, dict[str, Any]]:
-    """Handshake and list tools on a fresh session; returns the outcome and the tools' schemas."""
+CATALOG = TypeAdapter(list[ToolInfo])
+
+
+async def probe(name: str, config: ServerConfig) -> tuple[ProbeResult, list[ToolInfo]]:
+    """Handshake and list tools on a fresh session; returns the outcome and the tools listed."""
     started = time.perf_counter()
-    schemas: dict[str, Any] = {}
+    tools: list[ToolInfo] = []
     error: str | None = None
     try:
         async with asyncio.timeout(config.connect_timeout_s):
             async with build_client(config, None) as client:
                 listed = await client.list_tools()
-        schemas = {tool.name: tool.input_schema for tool in listed.tools}
+        tools = [
+            ToolInfo(name=tool.name, description=tool.description, input_schema=tool.input_schema or {})
+            for tool in listed.tools
+        ]
     except Exception as exc:  # any failure of a probe is its result, never an exception
         error = describe(exc)
     result = ProbeResult(
@@ -50,17 +63,17 @@ async def probe(name: str, config: ServerConfig) -> tuple[ProbeResult, dict[str,
         ok=error is None,
         latency_ms=round((time.perf_counter() - started) * 1000, 2),
         error=error,
-        tool_count=len(schemas),
+        tool_count=len(tools),
         at_ms=int(time.time() * 1000),
     )
-    return result, schemas
+    return result, tools
 
 
-async def record(client: Any, keys: Keys, result: ProbeResult, schemas: dict[str, Any]) -> None:
+async def record(client: Any, keys: Keys, result: ProbeResult, tools: list[ToolInfo]) -> None:
     async with client.pipeline(transaction=False) as pipe:
         pipe.set(keys.probe(result.server), result.model_dump_json())
         if result.ok:
-            pipe.set(keys.tools(result.server), json.dumps(schemas))
+            pipe.set(keys.tools(result.server), CATALOG.dump_json(tools))
         await pipe.execute()
 
 
@@ -69,17 +82,21 @@ async def last_probe(client: Any, keys: Keys, server: str) -> ProbeResult | None
     return ProbeResult.model_validate_json(raw) if raw else None
 
 
-async def tool_schemas(client: Any, keys: Keys, name: str, config: ServerConfig) -> dict[str, Any]:
-    """The server's tools and input schemas: from the cache, else probed now (and cached)."""
+async def tool_catalog(client: Any, keys: Keys, name: str, config: ServerConfig) -> list[ToolInfo]:
+    """The server's tools: from the cache, else probed now (and cached)."""
     raw = await client.get(keys.tools(name))
     if raw:
-        schemas: dict[str, Any] = json.loads(raw)
-        return schemas
-    result, schemas = await probe(name, config)
-    await record(client, keys, result, schemas)
+        return CATALOG.validate_json(raw)
+    result, tools = await probe(name, config)
+    await record(client, keys, result, tools)
     if not result.ok:
         raise ProbeFailed(name, result.error or "unknown error")
-    return schemas
+    return tools
+
+
+async def tool_schemas(client: Any, keys: Keys, name: str, config: ServerConfig) -> dict[str, Any]:
+    """The server's tools and their input schemas, by name."""
+    return {tool.name: tool.input_schema for tool in await tool_catalog(client, keys, name, config)}
 
 
 class ProbeFailed(Exception):
@@ -97,8 +114,8 @@ async def probe_due_servers(client: Any, keys: Keys, settings: Settings, worker_
         interval = settings.probes.interval_s if healthy else settings.probes.unhealthy_interval_s
         if not await client.set(keys.probe_lock(name), worker_id, nx=True, px=int(interval * 1000)):
             continue
-        result, schemas = await probe(name, config)
-        await record(client, keys, result, schemas)
+        result, tools = await probe(name, config)
+        await record(client, keys, result, tools)
         done.append(result)
     return done
 

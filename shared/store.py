@@ -37,6 +37,7 @@ from shared.models import (
 from shared.settings import RetryPolicy
 
 WRITE_BATCH = 1000
+JOBS_SCAN = 500
 ISOLATED_CALL_LOST, ISOLATED_LOST_EARLY = 1, 2
 
 
@@ -698,6 +699,42 @@ class JobStore:
 
     async def list_jobs(self, limit: int = 20) -> list[str]:
         return list(await self.client.zrevrange(self.keys.jobs, 0, limit - 1))
+
+    async def jobs_page(
+        self, cursor: str | None, limit: int, state: JobState | None = None
+    ) -> tuple[list[JobStatus], str | None]:
+        """Jobs newest first after ``cursor`` (``CREATED_MS:JOB_ID`` of the last one shown), of one
+        state if asked, and the cursor to continue from (None at the end). A page looks at no more
+        than ``JOBS_SCAN`` jobs, so a rare state cannot make one request read every job: the page
+        may then come back short, with a cursor."""
+        start = 0
+        if cursor is not None:
+            created, _, last = cursor.partition(":")
+            rank = await self.client.zrevrank(self.keys.jobs, last)
+            # the last job shown has gone (deleted): continue after its creation time instead
+            start = rank + 1 if rank is not None else await self.client.zcount(self.keys.jobs, created, "+inf")
+        page: list[JobStatus] = []
+        scanned = 0
+        next_cursor: str | None = None
+        while len(page) < limit and scanned < JOBS_SCAN:
+            window = await self.client.zrevrange(
+                self.keys.jobs, start + scanned, start + scanned + limit - 1, withscores=True
+            )
+            if not window:
+                return page, None
+            for job_id, created_ms in window:
+                scanned += 1
+                next_cursor = f"{int(created_ms)}:{job_id}"
+                try:
+                    status = await self.status(job_id)
+                except JobNotFound:
+                    continue
+                if state is None or status.state == state:
+                    page.append(status)
+                    if len(page) == limit:
+                        break
+        more = await self.client.zcard(self.keys.jobs) > start + scanned
+        return page, next_cursor if more else None
 
     async def discard_job(self, job_id: str, idempotency_key: str | None = None) -> None:
         """Remove every trace of a job (used when its submit fails half-way)."""

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from shared.doctor import ChunkCount, JobDiagnosis, ServerHealth, Uncovered, WorkerLife, explain
+from shared.doctor import ChunkCount, JobDiagnosis, ServerHealth, Uncovered, explain
+from shared.fleet import WorkerLife
 from shared.models import ReduceStatus
 
 WORKER = [WorkerLife(worker="host:1", pid=1, last_heartbeat_s=0.3)]

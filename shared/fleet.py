@@ -1,0 +1,94 @@
+"""The swarm as its faces show it: each server's health, load and queue, and the live workers.
+
+One read for ``toolswarm servers``, ``GET /v1/servers``, the gateway's ``list_servers`` and the
+dashboard's servers page, so they cannot disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from pydantic import BaseModel
+
+from shared.limiter import in_flight
+from shared.probes import ProbeResult, last_probe
+from shared.settings import Settings
+from shared.store import JobStore
+
+
+class WorkerLife(BaseModel):
+    worker: str
+    pid: int | None = None
+    last_heartbeat_s: float | None = None  # seconds ago; None from a worker too old to say
+    started_at: float | None = None  # unix seconds
+
+
+class ServerView(BaseModel):
+    name: str
+    transport: str
+    max_concurrency: int
+    timeout_s: float
+    in_flight: int  # calls holding one of the server's cluster-wide slots now
+    queued_chunks: int  # chunk messages waiting in the server's broker queue
+    healthy: bool | None  # the circuit breaker's state from the last probe; None before any probe
+    probe: ProbeResult | None = None
+
+
+class Fleet(BaseModel):
+    servers: list[ServerView]
+    workers: list[WorkerLife]
+
+
+async def queued_chunks(store: JobStore, settings: Settings, server: str) -> int:
+    """Messages in the server's queue on a Redis broker (kombu keeps priority sub-queues as
+    ``QUEUE``, ``QUEUE\\x06\\x163``, ...); 0 on a broker this cannot read."""
+    queue = f"{settings.namespace}:celery:{store.keys.queue(server)}"
+    waiting = 0
+    async for key in store.client.scan_iter(match=f"{queue}*", _type="list"):
+        waiting += await store.client.llen(key)
+    return int(waiting)
+
+
+async def server_views(store: JobStore, settings: Settings) -> list[ServerView]:
+    views = []
+    for name, server in sorted(settings.servers.items()):
+        probed = await last_probe(store.client, store.keys, name)
+        views.append(
+            ServerView(
+                name=name,
+                transport=server.transport,
+                max_concurrency=server.max_concurrency,
+                timeout_s=server.timeout_s,
+                in_flight=await in_flight(store.client, store.keys, name),
+                queued_chunks=await queued_chunks(store, settings, name),
+                healthy=None if probed is None else probed.ok,
+                probe=probed,
+            )
+        )
+    return views
+
+
+async def live_workers(store: JobStore) -> list[WorkerLife]:
+    keys = [key async for key in store.client.scan_iter(match=store.keys.workers_pattern)]
+    raws = await store.client.mget(keys) if keys else []
+    now = time.time()
+    workers = []
+    for raw in raws:
+        if not raw:
+            continue
+        record = json.loads(raw)
+        beat = record.get("beat_at")
+        workers.append(
+            WorkerLife(
+                worker=record["worker"],
+                pid=record.get("pid"),
+                last_heartbeat_s=None if beat is None else round(max(0.0, now - beat), 1),
+                started_at=record.get("started_at"),
+            )
+        )
+    return sorted(workers, key=lambda w: w.worker)
+
+
+async def fleet(store: JobStore, settings: Settings) -> Fleet:
+    return Fleet(servers=await server_views(store, settings), workers=await live_workers(store))
