@@ -398,6 +398,28 @@ def api(
         )
 
 
+@app.command()
+def gateway(
+    transport: Annotated[str, typer.Option(help="stdio (for agent and IDE configs) or http.")] = "stdio",
+    host: Annotated[str, typer.Option(help="Address to bind (http).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to serve on (http); MCP at /mcp.")] = 8765,
+) -> None:
+    """Serve the MCP gateway: agents submit and map tool calls on the swarm through MCP tools.
+    Over HTTP, set TOOLSWARM_GATEWAY_TOKEN to require a bearer token."""
+    import anyio
+
+    from api.gateway import serve_http, serve_stdio
+
+    with _errors_as_one_line():
+        config = settings()
+        if transport == "stdio":
+            anyio.run(serve_stdio, config)
+        elif transport == "http":
+            anyio.run(serve_http, config, host, port)
+        else:
+            raise Failure(f"--transport must be stdio or http, not {transport!r}")
+
+
 def main(argv: list[str] | None = None) -> Any:
     return app(args=argv)
 

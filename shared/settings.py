@@ -131,6 +131,10 @@ class Settings(BaseSettings):
     broker_url: str | None = None
     namespace: str = Field(default="toolswarm", pattern=r"^[A-Za-z0-9_.\-]+$")
     api_token: SecretStr | None = None
+    # The MCP gateway over HTTP: a bearer token every request must carry (none: no token asked),
+    # and the Host names it answers to (empty: its bind address, 127.0.0.1 and localhost).
+    gateway_token: SecretStr | None = None
+    gateway_allowed_hosts: list[str] = Field(default_factory=list)
     global_events_maxlen: int = Field(default=100_000, ge=100)
     state_dir: str = ".toolswarm"
     # The embedded Valkey keeps an append-only file in state_dir/redis-data, so a restart loses nothing.
