@@ -310,10 +310,13 @@ def register_tools(server: MCPServer, gateway: Gateway) -> None:
             str | None, Field(pattern=r"^\d+$", description="next_cursor of the last page.")
         ] = None,
         limit: Annotated[int, Field(ge=1, le=MAX_RESULTS_PAGE)] = 100,
+        step: Annotated[str | None, Field(description="Only items that failed at this step.")] = None,
     ) -> ResultsPage:
-        """A page of a job's settled results in item order, optionally of one status."""
+        """A page of a job's settled results in item order, optionally of one status (or failed at
+        one step: ``call`` for single calls)."""
         with as_tool_errors():
-            page, next_index = await gateway.store.results_page(job_id, int(cursor or 0), limit, status)
+            start = int(cursor or 0)
+            page, next_index = await gateway.store.results_page(job_id, start, limit, status, step)
             return ResultsPage(results=page, next_cursor=None if next_index is None else str(next_index))
 
     @server.tool()
