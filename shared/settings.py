@@ -120,6 +120,25 @@ class ProbeSettings(_Strict):
     unhealthy_interval_s: float = Field(default=2.0, gt=0)
 
 
+class SummarizerTool(_Strict):
+    """An MCP tool that summarizes a session's oldest records: called with ``{records, summary}``
+    (the records as dicts, the summary so far or null); its text is the new summary."""
+
+    server: str
+    tool: str
+
+
+class ContextSettings(_Strict):
+    """Per-session conversation context (see README, "Conversation context")."""
+
+    store: Literal["redis", "memory", "sqlite"] = "redis"
+    window: int = Field(default=20, ge=2)  # records kept; past it the oldest half is summarized
+    max_sessions: int = Field(default=500, ge=1)  # the cap, least recently used evicted first
+    idle_ttl_s: float = Field(default=1800.0, gt=0)  # a session not touched this long is gone
+    sqlite_path: str = "context.sqlite3"  # relative to state_dir
+    summarizer: SummarizerTool | None = None  # None: the deterministic summary
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="TOOLSWARM_",
@@ -142,6 +161,7 @@ class Settings(BaseSettings):
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     state: StateSettings = Field(default_factory=StateSettings)
     probes: ProbeSettings = Field(default_factory=ProbeSettings)
+    context: ContextSettings = Field(default_factory=ContextSettings)
     servers: dict[str, ServerConfig] = Field(default_factory=dict)
 
     @classmethod
