@@ -26,8 +26,9 @@ from pydantic import BaseModel, Field, ValidationError
 from api.wire import InvalidJob, ItemIn, JobIn, ResultsPage, Submitted, to_job_spec
 from shared import jobs
 from shared.embedded import redis_url
-from shared.errors import ConfigError, JobNotFound, JobSpecError, RedisUnavailable
+from shared.errors import ConfigError, JobNotFound, JobSpecError, RedisUnavailable, ToolswarmError
 from shared.fleet import Fleet, fleet
+from shared.handoff import HandoffEnvelope, HandoffReceipt, HandoffStore, receive, token_digest
 from shared.jobs import Enqueuer, resolve_items
 from shared.keys import Keys
 from shared.models import ItemError, ItemSpec, JobSpec, JobState, JobStatus, PipelineSpec, ReduceSpec
@@ -128,6 +129,8 @@ def as_tool_errors() -> Iterator[None]:
         raise ToolError(f"job_id: {exc.message}") from None
     except (JobSpecError, ConfigError, RedisUnavailable) as exc:
         raise ToolError(exc.message) from None
+    except ToolswarmError as exc:  # a refused handoff, among others: its type leads the message
+        raise ToolError(f"{exc.error_type}: {exc.message}") from None
     except ProbeFailed as exc:
         raise ToolError(str(exc)) from None
 
@@ -144,6 +147,7 @@ class Gateway:
         self._enqueuer_factory = enqueuer_factory
         self._store: JobStore | None = None
         self._enqueuer: Enqueuer | None = None
+        self._handoffs: HandoffStore | None = None
 
     @property
     def store(self) -> JobStore:
@@ -222,6 +226,35 @@ class Gateway:
             elif record.error is not None:
                 result.failed.append(MapFailure(index=record.index, key=record.key, error=record.error))
         return result
+
+    async def receive_handoff(self, envelope: HandoffEnvelope) -> HandoffReceipt:
+        if envelope.next_tool_hint is None:
+            raise ToolError("envelope.next_tool_hint: name the tool to call on the target server")
+        if self._handoffs is None:
+            self._handoffs = HandoffStore(self.store.client, self.keys)
+        return await receive(self._handoffs, envelope, self.settings.servers, self.run_handoff)
+
+    async def run_handoff(self, envelope: HandoffEnvelope) -> dict[str, Any]:
+        """The handed-off call, as a one-item job whose idempotency key is the handoff's token: a
+        receiver that takes over from a dead one finds the same job instead of calling again."""
+        item = ItemSpec(
+            server=envelope.target_server,
+            tool=envelope.next_tool_hint,
+            arguments=envelope.accumulated_context,
+            key=str(envelope.handoff_id),
+        )
+        key = f"handoff:{token_digest(envelope.idempotency_token)}"
+        submitted = await self.submit(JobSpec(items=[item], idempotency_key=key))
+        remaining_s = max(1.0, envelope.ttl_seconds - envelope.age_s())
+        status = await self.store.wait_until_done(submitted.job_id, timeout_s=remaining_s)
+        record = await anext(self.store.results(status.job_id))
+        outcome: dict[str, Any] = {"job_id": status.job_id, "status": record.status}
+        if record.result is not None:
+            structured = record.result.structured_content
+            outcome["output"] = structured if structured is not None else record.result.text()
+        if record.error is not None:
+            outcome["error"] = record.error.model_dump()
+        return outcome
 
     async def follow(self, job_id: str, timeout_s: float, ctx: Context) -> JobStatus:
         """The job's status once it is done, or when ``timeout_s`` has passed; progress (settled of
@@ -359,6 +392,16 @@ def register_tools(server: MCPServer, gateway: Gateway) -> None:
         """A server's tools: names, descriptions and input schemas (from the swarm's tools cache)."""
         with as_tool_errors():
             return ToolsOut(server=server, tools=await gateway.catalog(server))
+
+    @server.tool()
+    async def receive_handoff(envelope: HandoffEnvelope) -> HandoffReceipt:
+        """Resume work handed off from another server: calls next_tool_hint on target_server with
+        accumulated_context as its arguments, once per idempotency_token. A duplicate gets the stored
+        result; one that arrives while the first is running gets status "processing" and
+        retry_after_seconds. Refused when target_server is not served here or the envelope is older
+        than ttl_seconds."""
+        with as_tool_errors():
+            return await gateway.receive_handoff(envelope)
 
     @server.tool()
     async def map_tool(

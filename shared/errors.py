@@ -123,3 +123,20 @@ class ConflictError(ToolswarmError):
         self.key = key
         self.attempts = attempts
         self.last_version = last_version
+
+
+# --- handoffs between servers (see shared/handoff.py) --------------------------------------------
+
+
+class HandoffRefused(PermanentError):
+    """A handoff envelope that the receiver must not act on."""
+
+    error_type = "handoff_refused"
+
+
+class HandoffMisdelivered(HandoffRefused):
+    error_type = "handoff_misdelivered"
+
+
+class HandoffExpired(HandoffRefused):
+    error_type = "handoff_expired"

@@ -131,6 +131,15 @@ class Keys:
         """Present (with expiry) while the coverage sweep is not due: it runs once per interval."""
         return f"{self.prefix}sweep:after"
 
+    def handoff(self, token_digest: str) -> str:
+        """Hash: a handoff's receipt by its idempotency token (digested: a token never names a key):
+        {status: processing | completed, owner, until_ms, result, envelope}."""
+        return f"{self.prefix}handoff:{token_digest}"
+
+    def handoff_context(self, handoff_id: str) -> str:
+        """A handoff's accumulated context when it is too large to travel in the envelope."""
+        return f"{self.prefix}handoff-context:{handoff_id}"
+
     def idempotency(self, key: str) -> str:
         return f"{self.prefix}idem:{key}"
 

@@ -712,7 +712,9 @@ class JobStore:
             created, _, last = cursor.partition(":")
             rank = await self.client.zrevrank(self.keys.jobs, last)
             # the last job shown has gone (deleted): continue after its creation time instead
-            start = rank + 1 if rank is not None else await self.client.zcount(self.keys.jobs, created, "+inf")
+            start = (
+                rank + 1 if rank is not None else await self.client.zcount(self.keys.jobs, created, "+inf")
+            )
         page: list[JobStatus] = []
         scanned = 0
         next_cursor: str | None = None
