@@ -325,12 +325,18 @@ def worker(
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
     hostname: Annotated[str | None, typer.Option(help="Celery node name (default: celery@HOST).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No start-up banner.")] = False,
+    servers: Annotated[
+        str | None,
+        typer.Option(help="A worker pool: serve only these servers (comma-separated); default all."),
+    ] = None,
 ) -> None:
     """Run one worker process (a Celery worker of the toolswarm app)."""
     from workers.app import create_app, worker_argv
 
     with _errors_as_one_line():
         config = settings()
+        if servers is not None:
+            config = with_pool(config, [name.strip() for name in servers.split(",") if name.strip()])
         celery_app = create_app(config)
         celery_app.worker_main(argv=worker_argv(config, hostname=hostname, loglevel=loglevel, quiet=quiet))
 
@@ -418,6 +424,15 @@ def gateway(
             anyio.run(serve_http, config, host, port)
         else:
             raise Failure(f"--transport must be stdio or http, not {transport!r}")
+
+
+def with_pool(config: Settings, servers: list[str]) -> Settings:
+    """The settings of a worker pool that serves only ``servers``."""
+    unknown = sorted(set(servers) - set(config.servers))
+    if unknown or not servers:
+        known = ", ".join(sorted(config.servers)) or "none configured"
+        raise Failure(f"--servers: unknown servers {unknown or servers} (known: {known})")
+    return config.model_copy(update={"worker": config.worker.model_copy(update={"servers": servers})})
 
 
 def main(argv: list[str] | None = None) -> Any:

@@ -7,11 +7,12 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jsonschema import Draft202012Validator
 
 from shared.committer import BatchCommitter, Checkpointer
+from shared.handoff import HandoffStore
 from shared.jobs import Enqueuer
 from shared.limiter import ClusterLimiter, LocalSlots
 from shared.mcp_client import ToolCaller
@@ -19,6 +20,9 @@ from shared.models import ResultRecord
 from shared.probes import Breaker
 from shared.settings import Settings
 from shared.store import JobPlan, JobStore
+
+if TYPE_CHECKING:  # pools.py builds on this module
+    from shared.pools import HandoffSender
 
 MAX_CACHED_PLANS = 1000
 
@@ -100,6 +104,10 @@ class ExecutionContext:
     # Broker delivery tags of the chunk messages running here, held by the heartbeat.
     deliveries: set[str] = field(default_factory=set)
     isolation: IsolationGate = field(default_factory=IsolationGate)
+    # The servers this worker's pool serves (every configured one unless ``worker.servers`` says).
+    served: set[str] = field(default_factory=set)
+    handoffs: HandoffStore | None = None  # envelopes of items handed between pools (see pools.py)
+    handoff_sender: HandoffSender | None = None  # made on the first handoff
 
     def limit(self, server: str) -> LocalSlots:
         slots = self.limits.get(server)
@@ -123,6 +131,8 @@ class ExecutionContext:
     def __post_init__(self) -> None:
         if self.checkpointer is None:
             self.checkpointer = Checkpointer(self.store)
+        if not self.served:
+            self.served = self.settings.served()
 
     async def job_plan(self, job_id: str) -> JobPlan:
         """The job's retry override and pipeline (cached: a job never changes them)."""

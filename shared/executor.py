@@ -10,16 +10,17 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.calls import call_tool, target_for
-from shared.errors import RedisUnavailable
+from shared.errors import HandoffRefused, RedisUnavailable
 from shared.execution import CALLING, RELEASED, WAITING, ChunkHandedBack, Draining, ExecutionContext
 from shared.jobs import feed_next
 from shared.models import Chunk, ChunkReport, ItemError, ResultRecord, StepRecord, StepSpec, item_id
 from shared.pipeline import final_output, item_scope, unmet_need
+from shared.pools import hand_off, received
 from shared.reduce import run_reduce
 from shared.refs import resolve
 from shared.settings import RetryPolicy
-from shared.steps import run_pipeline
-from shared.store import Claim, JobPlan, Settlement, now_ms
+from shared.steps import HandOff, run_pipeline
+from shared.store import HANDOFF_FIELD, Claim, JobPlan, Settlement, now_ms
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +93,11 @@ async def run_item(
     checkpointed: dict[str, StepRecord] | None = None,
     urgent: bool = False,
     needs: dict[str, ResultRecord | None] | None = None,
+    envelope: str | None = None,
 ) -> tuple[ResultRecord | None, bool] | None:
     """Run and commit one item; None when shutdown took it back before it finished. A pipeline
-    item whose lease was taken over mid-way gives (None, False): nothing of it is committed here."""
+    item whose lease was taken over mid-way gives (None, False): nothing of it is committed here;
+    one handed to another worker pool gives (None, True). ``envelope``: the handoff it came with."""
     member = item_id(job_id, claim.index)
     try:
         steps = steps_of(claim, plan)
@@ -111,12 +114,23 @@ async def run_item(
                 claim = replace(claim, spec=claim.spec.model_copy(update={"arguments": arguments}))
             record = await call_item(ctx, job_id, claim, plan.retry, urgent)
         else:
-            pipeline_result = await run_pipeline(
-                ctx, job_id, claim, steps, checkpointed or {}, plan.retry, urgent, outputs
-            )
-            if pipeline_result is None:
-                return None, False
-            record, names = pipeline_result, [step.name for step in steps]
+            names = [step.name for step in steps] + [HANDOFF_FIELD]
+            try:
+                if envelope is not None:
+                    checkpointed = await received(ctx, job_id, claim, envelope, steps, checkpointed or {})
+            except HandoffRefused as exc:
+                next_step = next((s.name for s in steps if s.name not in (checkpointed or {})), None)
+                error = ItemError(type=exc.error_type, message=exc.message, step=next_step)
+                record = unrun_record(ctx, job_id, claim, error)
+            else:
+                pipeline_result = await run_pipeline(
+                    ctx, job_id, claim, steps, checkpointed or {}, plan.retry, urgent, outputs
+                )
+                if pipeline_result is None:
+                    return None, False
+                if isinstance(pipeline_result, HandOff):
+                    return None, await hand_off(ctx, job_id, claim, pipeline_result)
+                record = pipeline_result
         landed = await ctx.committer.commit(job_id, Settlement(record=record, epoch=claim.epoch, steps=names))
         return record, landed
     except Draining:
@@ -142,6 +156,11 @@ async def execute_chunk(ctx: ExecutionContext, chunk: Chunk) -> ChunkReport:
         )
         plan = await ctx.job_plan(chunk.job_id) if claims else JobPlan()
         checkpointed = await resumed_steps(ctx, chunk.job_id, claims, plan)
+        envelopes = (
+            await ctx.store.handoff_envelopes(chunk.job_id, [claim.index for claim in claims])
+            if chunk.handoff
+            else {}
+        )
         dependent = [claim.index for claim in claims if claim.spec.needs]
         needs = await ctx.store.needed(chunk.job_id, dependent) if dependent else {}
         tasks = []
@@ -157,6 +176,7 @@ async def execute_chunk(ctx: ExecutionContext, chunk: Chunk) -> ChunkReport:
                     checkpointed.get(claim.index),
                     chunk.urgent,
                     needs.get(claim.index),
+                    envelopes.get(claim.index),
                 )
             )
             ctx.item_tasks[member] = task
@@ -167,13 +187,15 @@ async def execute_chunk(ctx: ExecutionContext, chunk: Chunk) -> ChunkReport:
         await feed_next(ctx.store, ctx.enqueuer, chunk.job_id, finished_chunk=chunk.id)
     finished = [o for o in outcomes if isinstance(o, tuple)]
     committed = [record for record, landed in finished if landed and record is not None]
+    handed_off = sum(1 for record, landed in finished if landed and record is None)
     return ChunkReport(
         job_id=chunk.job_id,
         server=chunk.server,
         claimed=len(claims),
         skipped=len(chunk.items) - len(claims),
         committed=len(committed),
-        refused=len(finished) - len(committed),
+        refused=len(finished) - len(committed) - handed_off,
+        handed_off=handed_off,
         released=len(outcomes) - len(finished),
         succeeded=sum(1 for r in committed if r.status == "succeeded"),
         failed=sum(1 for r in committed if r.status == "failed"),

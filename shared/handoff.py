@@ -181,6 +181,15 @@ class HandoffStore:
 Work = Callable[[HandoffEnvelope], Awaitable[Any]]
 
 
+async def open_envelope(
+    store: HandoffStore, envelope: HandoffEnvelope, receivers: Collection[str]
+) -> HandoffEnvelope:
+    """What every receiver does first, workers and the gateway alike: refuse an envelope meant for
+    another server or older than its TTL, and load a context stored by reference."""
+    check_envelope(envelope, receivers)
+    return await store.load_context(envelope)
+
+
 async def receive(
     store: HandoffStore, envelope: HandoffEnvelope, receivers: Collection[str], work: Work
 ) -> HandoffReceipt:
@@ -200,7 +209,7 @@ async def receive(
         return HandoffReceipt(status="processing", handoff_id=handoff_id, retry_after_seconds=min(wait_s, 5))
     renewing = asyncio.create_task(_renew(store, envelope.idempotency_token, owner))
     try:
-        result = await work(await store.load_context(stowed))
+        result = await work(await open_envelope(store, stowed, receivers))
     except BaseException:
         renewing.cancel()
         with suppress(Exception):

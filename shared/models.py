@@ -33,6 +33,9 @@ class StepSpec(BaseModel):
     fallback: Any = None  # a non-critical step that fails takes this as its output
     timeout_s: float | None = Field(default=None, gt=0)
     retry: RetryPolicy | None = None
+    # Handed off to another worker pool, this step's envelope carries only these earlier steps'
+    # outputs (None: every earlier step's).
+    carry: list[str] | None = None
 
 
 def check_steps(steps: list[StepSpec], needs: Sequence[str] = ()) -> list[str]:
@@ -46,6 +49,9 @@ def check_steps(steps: list[StepSpec], needs: Sequence[str] = ()) -> list[str]:
     for step in steps:
         if step.name in seen:
             problems.append(f"step {step.name!r}: duplicate step name")
+        for carried in step.carry or ():
+            if carried not in seen:
+                problems.append(f"step {step.name!r}: carry names {carried!r}, not a step before it")
         for reference in find_references(step.arguments):
             problem = check_reference(
                 reference, seen, (*SCOPE_ROOTS, "needs") if needs else SCOPE_ROOTS, needs
@@ -297,6 +303,8 @@ class Chunk(BaseModel):
     # One item that lost its lease too often, run with nothing else in flight on its worker process:
     # only a loss of this run makes it poison (see reaper.py).
     isolated: bool = False
+    # A pipeline item handed over from another worker pool: its envelope is read before it resumes.
+    handoff: bool = False
 
     def task_kwargs(self) -> dict[str, Any]:
         """The Celery task's kwargs: flags only when set, so a normal message stays small."""
@@ -313,6 +321,7 @@ class ChunkReport(BaseModel):
     committed: int
     refused: int
     released: int = 0
+    handed_off: int = 0  # pipeline items sent on to another worker pool
     succeeded: int
     failed: int
 

@@ -106,9 +106,13 @@ class ProbeFailed(Exception):
 
 
 async def probe_due_servers(client: Any, keys: Keys, settings: Settings, worker_id: str) -> list[ProbeResult]:
-    """Probe each server whose turn it is; the lock's expiry is the probe interval."""
+    """Probe each server of this worker's pool whose turn it is; the lock's expiry is the probe
+    interval (a pool may not reach the servers it does not serve)."""
     done = []
+    served = settings.served()
     for name, config in settings.servers.items():
+        if name not in served:
+            continue
         previous = await last_probe(client, keys, name)
         healthy = previous is None or previous.ok
         interval = settings.probes.interval_s if healthy else settings.probes.unhealthy_interval_s

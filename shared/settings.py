@@ -97,6 +97,11 @@ class WorkerSettings(_Strict):
     # this. Keep it above the longest chunk; an early redelivery is harmless (claims skip live
     # leases) but wasted. It also bounds how long a message lost with a killed worker waits.
     visibility_timeout_s: int = Field(default=60, ge=10)
+    # A worker pool: the servers whose queues this worker consumes (None: every configured one). A
+    # pipeline step on a server the pool does not serve is handed off to that server's queue.
+    servers: list[str] | None = None
+    # A handoff between pools not picked up within this long fails its item (handoff_expired).
+    handoff_ttl_s: int = Field(default=3600, ge=1)
 
     @model_validator(mode="after")
     def _heartbeat_within_lease(self) -> WorkerSettings:
@@ -175,6 +180,18 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The file's values arrive as init kwargs; the environment must override them.
         return (env_settings, init_settings)
+
+    @model_validator(mode="after")
+    def _pool_names_known_servers(self) -> Settings:
+        unknown = sorted(set(self.worker.servers or ()) - set(self.servers))
+        if unknown:
+            known = ", ".join(sorted(self.servers)) or "none configured"
+            raise ValueError(f"worker.servers names unknown servers {unknown} (known: {known})")
+        return self
+
+    def served(self) -> set[str]:
+        """The servers this process's worker pool serves."""
+        return set(self.servers) if self.worker.servers is None else set(self.worker.servers)
 
     def server(self, name: str) -> ServerConfig:
         try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from jmespath.exceptions import JMESPathError
@@ -20,6 +21,16 @@ from shared.settings import RetryPolicy
 from shared.store import Checkpoint, Claim, now_ms
 
 
+@dataclass(frozen=True)
+class HandOff:
+    """The item's next step runs on a server this worker's pool does not serve: it goes to that
+    server's pool, with the steps finished so far."""
+
+    step: StepSpec
+    source_server: str
+    records: dict[str, StepRecord]
+
+
 async def run_pipeline(
     ctx: ExecutionContext,
     job_id: str,
@@ -29,14 +40,18 @@ async def run_pipeline(
     job_retry: RetryPolicy | None = None,
     urgent: bool = False,
     needs: Mapping[str, Any] | None = None,
-) -> ResultRecord | None:
+) -> ResultRecord | HandOff | None:
     """The item's result record; None when a checkpoint was refused: the lease was taken over and
-    the item has a new holder, so this run stops where it is. ``needs``: its needs' outputs."""
+    the item has a new holder, so this run stops where it is. ``needs``: its needs' outputs. A
+    step this worker's pool does not serve ends the run here with a :class:`HandOff`."""
     started = time.perf_counter()
     records = dict(checkpointed)
     for position, step in enumerate(steps):
         if step.name in records:
             continue
+        if (step.server or "") not in ctx.served:
+            source = steps[position - 1].server or "" if position else claim.spec.server or ""
+            return HandOff(step=step, source_server=source, records=records)
         record = await run_step(ctx, job_id, claim, step, records, job_retry, urgent, needs)
         records[step.name] = record
         if record.status == "failed":

@@ -38,6 +38,7 @@ from shared.settings import RetryPolicy
 
 WRITE_BATCH = 1000
 JOBS_SCAN = 500
+HANDOFF_FIELD = "@handoff"  # an item's envelope, beside its checkpoints ("INDEX:@handoff")
 ISOLATED_CALL_LOST, ISOLATED_LOST_EARLY = 1, 2
 
 
@@ -101,6 +102,15 @@ class Settlement:
             failure,
             " ".join(self.steps),
         ]
+
+
+@dataclass(frozen=True)
+class Handing:
+    """A pipeline item claimed under ``epoch``, going to another pool with its envelope (JSON)."""
+
+    index: int
+    epoch: int
+    envelope: str
 
 
 @dataclass(frozen=True)
@@ -169,6 +179,7 @@ class JobStore:
         self._unlock = client.register_script(load_lua("unlock"))
         self._feed = client.register_script(load_lua("feed"))
         self._checkpoint = client.register_script(load_lua("checkpoint"))
+        self._hand_off = client.register_script(load_lua("handoff"))
 
     # --- submit side -------------------------------------------------------------------------
 
@@ -359,6 +370,25 @@ class JobStore:
             if raw is not None:
                 found.setdefault(index, {})[name] = StepRecord.model_validate_json(raw)
         return found
+
+    async def hand_off(self, chunk: Chunk, entries: Sequence[Handing]) -> list[bool]:
+        """Give pipeline items of ``chunk`` to its server's pool (see handoff.lua); True where one
+        was handed off, False where its lease had been taken over."""
+        jk = self.keys.job(chunk.job_id)
+        args: list[Any] = [chunk.id, chunk.model_dump_json(exclude_defaults=True)]
+        for entry in entries:
+            args += [entry.index, entry.epoch, f"{chunk.job_id}:{entry.index}", entry.envelope]
+        landed = await self._hand_off(
+            keys=[jk.epochs, jk.results, jk.steps, jk.running, self.keys.leases, jk.chunks], args=args
+        )
+        return [flag == "1" for flag in landed]
+
+    async def handoff_envelopes(self, job_id: str, indexes: Sequence[int]) -> dict[int, str]:
+        """The envelopes (JSON) the items were last handed off with, by index."""
+        if not indexes:
+            return {}
+        raws = await self.client.hmget(self.keys.job(job_id).steps, [f"{i}:{HANDOFF_FIELD}" for i in indexes])
+        return {index: raw for index, raw in zip(indexes, raws, strict=True) if raw is not None}
 
     # --- leases ------------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ def run_chunk(
     items: list[int],
     urgent: bool = False,
     isolated: bool = False,
+    handoff: bool = False,
 ) -> dict[str, Any]:
     """Run one chunk of a job's items on this worker's event loop (the task id is the chunk id).
 
@@ -28,7 +29,13 @@ def run_chunk(
     is shutting down hands it back to its queue."""
     runtime = runtime_of(self.app)
     chunk = Chunk(
-        job_id=job_id, server=server, items=items, urgent=urgent, isolated=isolated, id=self.request.id
+        job_id=job_id,
+        server=server,
+        items=items,
+        urgent=urgent,
+        isolated=isolated,
+        handoff=handoff,
+        id=self.request.id,
     )
     delivery_tag = (self.request.properties or {}).get("delivery_tag")
     try:

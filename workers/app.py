@@ -185,7 +185,7 @@ def worker_argv(
     """The ``celery worker`` arguments of a toolswarm worker process."""
     keys = Keys(settings.namespace)
     queues = (
-        ",".join(keys.queue(name) for name in sorted(settings.servers)) or f"{settings.namespace}.default"
+        ",".join(keys.queue(name) for name in sorted(settings.served())) or f"{settings.namespace}.default"
     )
     argv = [
         *(["--quiet"] if quiet else []),  # no start-up banner

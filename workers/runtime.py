@@ -99,7 +99,8 @@ class WorkerRuntime:
         keys = Keys(self.settings.namespace)
         client = connect(redis_url(self.settings), health_check_interval=10)
         store = JobStore(client, keys, self.settings.global_events_maxlen)
-        self._pool = McpPool(self.settings.servers)
+        served = self.settings.served()  # a pool opens sessions only to the servers it serves
+        self._pool = McpPool({name: c for name, c in self.settings.servers.items() if name in served})
         self._context = ExecutionContext(
             settings=self.settings,
             store=store,
