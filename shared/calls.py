@@ -73,12 +73,23 @@ def tool_error_of(result: CallResult, tool: str) -> ToolswarmError:
 
 @dataclass(frozen=True)
 class CallOutcome:
-    """A call's last result (None if none came back) or its error, and the attempts it took."""
+    """A call's last result (None if none came back) or its error, and the attempts it took;
+    ``answered_by`` names the standby that took the call, if one did."""
 
     result: CallResult | None
     error: ItemError | None
     attempts: int
     duration_ms: float
+    answered_by: str | None = None
+
+
+class AnswerElsewhere(Exception):
+    """The call's server is down and its standby is one this worker's pool does not serve: the
+    item goes to the standby's pool instead of waiting here."""
+
+    def __init__(self, server: str) -> None:
+        super().__init__(f"answered by {server}, served by another pool")
+        self.server = server
 
 
 @dataclass(frozen=True)
@@ -131,9 +142,11 @@ def target_for(
 async def call_tool(ctx: ExecutionContext, target: CallTarget) -> CallOutcome:
     """Call with retries and turn whatever happens into a result or an error.
 
-    ``target.policy`` bounds the attempts. While the server's breaker is open the call waits; a
-    call that could not reach the server trips the breaker and does not spend an attempt (up to
-    MAX_HELD_ATTEMPTS times). Raises Draining when the worker began shutting down before a call.
+    ``target.policy`` bounds the attempts. While the server's breaker is open the call goes to
+    its first healthy standby that lists the tool, or waits when there is none; a call that could
+    not reach its server trips that server's breaker and does not spend an attempt (up to
+    MAX_HELD_ATTEMPTS times). Raises Draining when the worker began shutting down before a call,
+    and AnswerElsewhere when the standby that would answer is another pool's.
     """
     server, policy = target.server, target.policy
     config = ctx.settings.server(server)
@@ -143,15 +156,18 @@ async def call_tool(ctx: ExecutionContext, target: CallTarget) -> CallOutcome:
     attempts = spent = 0
     result: CallResult | None = None
     error: ItemError | None = None
+    answering = server
 
     def out_of_budget(_: RetryCallState) -> bool:
         return spent >= policy.attempts
 
     async def attempt_once() -> CallResult:
-        nonlocal attempts, spent
+        nonlocal attempts, spent, answering
         if ctx.breaker is not None:
-            await ctx.breaker.wait_healthy(server)
-        async with ctx.call_slot(server, target.urgent):
+            answering = await ctx.breaker.route(server, target.tool)
+            if answering not in ctx.served:
+                raise AnswerElsewhere(answering)
+        async with ctx.call_slot(answering, target.urgent):
             if ctx.draining:
                 raise Draining(member)
             attempts += 1
@@ -160,11 +176,13 @@ async def call_tool(ctx: ExecutionContext, target: CallTarget) -> CallOutcome:
                 ctx.held[member] = CALLING
                 ctx.started_calls[member] = (target.job_id, target.index, target.epoch)
             try:
-                outcome = await ctx.caller.call(server, target.tool, target.arguments, target.timeout_s, meta)
+                outcome = await ctx.caller.call(
+                    answering, target.tool, target.arguments, target.timeout_s, meta
+                )
             except ServerUnavailable as exc:
                 if ctx.breaker is not None and attempts - spent < MAX_HELD_ATTEMPTS:
                     spent -= 1
-                    await ctx.breaker.trip(server, exc.message)
+                    await ctx.breaker.trip(answering, exc.message)
                 raise
         if outcome.is_error and config.tool_errors_retryable:
             raise RetryableToolError(outcome.text() or f"tool {target.tool!r} reported an error")
@@ -193,4 +211,5 @@ async def call_tool(ctx: ExecutionContext, target: CallTarget) -> CallOutcome:
         error=error,
         attempts=attempts,
         duration_ms=round((time.perf_counter() - started) * 1000, 3),
+        answered_by=None if answering == server else answering,
     )

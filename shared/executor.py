@@ -9,13 +9,13 @@ from dataclasses import replace
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from shared.calls import call_tool, target_for
+from shared.calls import AnswerElsewhere, call_tool, target_for
 from shared.errors import HandoffRefused, RedisUnavailable
 from shared.execution import CALLING, RELEASED, WAITING, ChunkHandedBack, Draining, ExecutionContext
 from shared.jobs import feed_next
 from shared.models import Chunk, ChunkReport, ItemError, ResultRecord, StepRecord, StepSpec, item_id
 from shared.pipeline import final_output, item_scope, unmet_need
-from shared.pools import hand_off, received
+from shared.pools import hand_off, hand_off_call, received
 from shared.reduce import run_reduce
 from shared.refs import resolve
 from shared.settings import RetryPolicy
@@ -57,6 +57,7 @@ async def call_item(
         worker=ctx.worker_id,
         duration_ms=outcome.duration_ms,
         finished_at_ms=now_ms(),
+        answered_by=outcome.answered_by,
     )
 
 
@@ -112,7 +113,10 @@ async def run_item(
             if outputs is not None:
                 arguments = resolve(claim.spec.arguments, item_scope(claim.spec.input, {}, outputs))
                 claim = replace(claim, spec=claim.spec.model_copy(update={"arguments": arguments}))
-            record = await call_item(ctx, job_id, claim, plan.retry, urgent)
+            try:
+                record = await call_item(ctx, job_id, claim, plan.retry, urgent)
+            except AnswerElsewhere as moved:
+                return None, await hand_off_call(ctx, job_id, claim, moved.server)
         else:
             names = [step.name for step in steps] + [HANDOFF_FIELD]
             try:

@@ -202,6 +202,7 @@ class StepRecord(BaseModel):
     duration_ms: float = 0.0
     output: dict[str, Any] | None = None
     error: ItemError | None = None
+    answered_by: str | None = None  # the standby that answered, when ``server``'s breaker was open
     # How long committing this step's checkpoint took (absent for the last step: the item's
     # commit is its checkpoint, and for steps checkpointed by an earlier run of the item).
     checkpoint_ms: float | None = None
@@ -223,6 +224,7 @@ class ResultRecord(BaseModel):
     worker: str | None = None
     duration_ms: float = 0.0
     finished_at_ms: int = 0
+    answered_by: str | None = None  # the standby that answered, when ``server``'s breaker was open
     # Pipeline items only: every step's record, and the non-critical steps that fell back.
     steps: list[StepRecord] | None = None
     degraded: list[str] | None = None

@@ -25,6 +25,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 
 from shared.batching import Coalescer
+from shared.calls import SINGLE_CALL_STEP
 from shared.committer import BATCH_LINGER_S
 from shared.errors import HandoffMisdelivered
 from shared.execution import ExecutionContext
@@ -95,17 +96,37 @@ async def hand_off(ctx: ExecutionContext, job_id: str, claim: Claim, handing: Ha
         session_id=item_session(job_id, claim.index),
         idempotency_token=handoff_token(job_id, claim.index, step.name),
         source_server=handing.source_server,
-        target_server=step.server or "",
+        target_server=handing.target_server,
         next_tool_hint=step.tool,
         accumulated_context={name: handing.records[name].output for name in carried},
         ttl_seconds=ctx.settings.worker.handoff_ttl_s,
     )
     stowed = await handoffs(ctx).stow_context(envelope)
+    return await send(ctx, job_id, claim, handing.target_server, stowed)
+
+
+async def hand_off_call(ctx: ExecutionContext, job_id: str, claim: Claim, server: str) -> bool:
+    """Send a single-call item to the pool of the standby answering for its server."""
+    envelope = new_envelope(
+        session_id=item_session(job_id, claim.index),
+        idempotency_token=handoff_token(job_id, claim.index, SINGLE_CALL_STEP),
+        source_server=claim.spec.server or "",
+        target_server=server,
+        next_tool_hint=claim.spec.tool,
+        accumulated_context={},
+        ttl_seconds=ctx.settings.worker.handoff_ttl_s,
+    )
+    return await send(ctx, job_id, claim, server, envelope)
+
+
+async def send(
+    ctx: ExecutionContext, job_id: str, claim: Claim, server: str, envelope: HandoffEnvelope
+) -> bool:
     if ctx.handoff_sender is None:
         assert ctx.enqueuer is not None, "a worker pool hands off through its enqueuer"
         ctx.handoff_sender = HandoffSender(ctx.store, ctx.enqueuer, ctx.settings.worker.chunk_size)
-    entry = Handing(index=claim.index, epoch=claim.epoch, envelope=stowed.model_dump_json())
-    return await ctx.handoff_sender.send(job_id, step.server or "", entry)
+    entry = Handing(index=claim.index, epoch=claim.epoch, envelope=envelope.model_dump_json())
+    return await ctx.handoff_sender.send(job_id, server, entry)
 
 
 async def received(

@@ -21,6 +21,7 @@ from shared.mcp_client import build_client, describe
 from shared.settings import ServerConfig, Settings
 
 HEALTH_CACHE_S = 0.5
+TOOLS_CACHE_S = 10.0
 
 
 class ToolInfo(BaseModel):
@@ -133,6 +134,7 @@ class Breaker:
         self.settings = settings
         self._seen: dict[str, tuple[float, bool]] = {}
         self._reading: dict[str, asyncio.Task[bool]] = {}
+        self._tools: dict[str, tuple[float, set[str]]] = {}
 
     async def healthy(self, server: str) -> bool:
         cached = self._seen.get(server)
@@ -149,6 +151,28 @@ class Breaker:
         ok = result is None or result.ok
         self._seen[server] = (time.monotonic(), ok)
         return ok
+
+    async def route(self, server: str, tool: str) -> str:
+        """The server to call now: this one while healthy, else its first healthy standby that
+        lists the tool; while none is, wait (a call is never sent to a server whose probe fails)."""
+        standby = self.settings.server(server).standby
+        while True:
+            if await self.healthy(server):
+                return server
+            for name in standby:
+                if await self.healthy(name) and tool in await self.tools_of(name):
+                    return name
+            await asyncio.sleep(HEALTH_CACHE_S)
+
+    async def tools_of(self, server: str) -> set[str]:
+        """The tools a server listed at its last good probe (none before one)."""
+        cached = self._tools.get(server)
+        if cached is not None and time.monotonic() - cached[0] < TOOLS_CACHE_S:
+            return cached[1]
+        raw = await self.client.get(self.keys.tools(server))
+        names = {tool.name for tool in CATALOG.validate_json(raw)} if raw else set()
+        self._tools[server] = (time.monotonic(), names)
+        return names
 
     async def wait_healthy(self, server: str) -> None:
         """Hold here while the server is unhealthy (no attempt is spent waiting)."""

@@ -56,6 +56,9 @@ class ServerConfig(_Strict):
     # A tool error (is_error result) is permanent unless the server says its tool errors are worth retrying.
     tool_errors_retryable: bool = False
     transient_error_codes: list[int] = Field(default_factory=lambda: [-32001, -32603, -32000])
+    # While this server's breaker is open (its probe failing), its calls go to the first healthy
+    # server of this list that lists the same tool, instead of waiting.
+    standby: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _endpoint_matches_transport(self) -> ServerConfig:
@@ -182,11 +185,17 @@ class Settings(BaseSettings):
         return (env_settings, init_settings)
 
     @model_validator(mode="after")
-    def _pool_names_known_servers(self) -> Settings:
+    def _names_known_servers(self) -> Settings:
+        known = ", ".join(sorted(self.servers)) or "none configured"
         unknown = sorted(set(self.worker.servers or ()) - set(self.servers))
         if unknown:
-            known = ", ".join(sorted(self.servers)) or "none configured"
             raise ValueError(f"worker.servers names unknown servers {unknown} (known: {known})")
+        for name, server in self.servers.items():
+            unknown = sorted(set(server.standby) - set(self.servers))
+            if unknown:
+                raise ValueError(f"servers.{name}.standby names unknown servers {unknown} (known: {known})")
+            if name in server.standby:
+                raise ValueError(f"servers.{name}.standby names the server itself")
         return self
 
     def served(self) -> set[str]:

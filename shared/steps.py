@@ -11,7 +11,7 @@ from typing import Any
 
 from jmespath.exceptions import JMESPathError
 
-from shared.calls import call_tool, target_for
+from shared.calls import AnswerElsewhere, call_tool, target_for
 from shared.errors import InvalidArguments, ToolswarmError
 from shared.execution import ExecutionContext
 from shared.models import ItemError, ResultRecord, StepRecord, StepSpec, item_id
@@ -29,6 +29,7 @@ class HandOff:
     step: StepSpec
     source_server: str
     records: dict[str, StepRecord]
+    target_server: str  # the step's server, or the standby answering for it
 
 
 async def run_pipeline(
@@ -49,10 +50,16 @@ async def run_pipeline(
     for position, step in enumerate(steps):
         if step.name in records:
             continue
-        if (step.server or "") not in ctx.served:
-            source = steps[position - 1].server or "" if position else claim.spec.server or ""
-            return HandOff(step=step, source_server=source, records=records)
-        record = await run_step(ctx, job_id, claim, step, records, job_retry, urgent, needs)
+        source = steps[position - 1].server or "" if position else claim.spec.server or ""
+        answering = step.server or ""
+        if answering not in ctx.served and ctx.breaker is not None:
+            answering = await ctx.breaker.route(answering, step.tool)
+        if answering not in ctx.served:
+            return HandOff(step=step, source_server=source, records=records, target_server=answering)
+        try:
+            record = await run_step(ctx, job_id, claim, step, records, job_retry, urgent, needs)
+        except AnswerElsewhere as moved:
+            return HandOff(step=step, source_server=source, records=records, target_server=moved.server)
         records[step.name] = record
         if record.status == "failed":
             break
@@ -127,6 +134,7 @@ async def run_step(
         attempts=outcome.attempts,
         duration_ms=outcome.duration_ms,
         output=step_output(outcome.result),
+        answered_by=outcome.answered_by,
     )
 
 
