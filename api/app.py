@@ -6,10 +6,12 @@ import hmac
 import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
+from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.wire import InvalidJob, JobIn, JobsPage, ResultsPage, Submitted, to_job_spec
@@ -247,6 +249,13 @@ def create_api(
         except RedisUnavailable as exc:
             return problem(503, exc.message)
         return JSONResponse({"ok": True})
+
+    # The dashboard: static files that read the routes above (with the same bearer token).
+    @api.get("/ui", include_in_schema=False)
+    async def ui_slash() -> RedirectResponse:
+        return RedirectResponse("/ui/")
+
+    api.mount("/ui", StaticFiles(directory=Path(__file__).parent / "ui", html=True), name="ui")
 
     return api
 
