@@ -903,7 +903,7 @@
         if (!ctx.alive) return;
         streamState.textContent = "reconnecting…";
         await ctx.sleep(backoff);
-        backoff = Math.min(backoff * 2, 5000);
+        backoff = Math.min(backoff * 2, 4000);
       }
     }
 
