@@ -267,3 +267,47 @@ def test_reduce_and_retry_through_the_api(api: tuple[Cluster, httpx2.Client]) ->
         json={**echo_job(4), "reduce": {"tool": "echo", "arguments": {"text": {"$from": "steps.x"}}}},
     )
     assert bad.status_code == 422 and "not in scope (use total, successful or failed)" in bad.text
+
+
+def test_list_jobs_newest_first_with_a_cursor_and_a_state_filter(api: tuple[Cluster, httpx2.Client]) -> None:
+    _, client = api
+    finished = []
+    for _ in range(3):
+        created = client.post("/v1/jobs", json=echo_job(4))
+        assert created.status_code == 201, created.text
+        finished.append(wait_done(client, created.json()["job_id"]))
+    slow = {"server": "demo", "items": [{"tool": "sleep", "arguments": {"ms": 300}} for _ in range(50)]}
+    cancelled_id = client.post("/v1/jobs", json=slow).json()["job_id"]
+    cancelled = client.post(f"/v1/jobs/{cancelled_id}/cancel").json()
+    # Newest first: by creation time, then (within one millisecond) by id, as the jobs index sorts.
+    by_creation = sorted([*finished, cancelled], key=lambda j: (j["created_at_ms"], j["job_id"]))
+    newest_first = [job["job_id"] for job in reversed(by_creation)]
+
+    whole = client.get("/v1/jobs").json()
+    assert [j["job_id"] for j in whole["jobs"]] == newest_first and whole["next_cursor"] is None
+    assert whole["jobs"][newest_first.index(cancelled_id)]["state"] == "cancelled"
+
+    for limit in (1, 3):
+        seen, cursor, pages = [], None, 0
+        while True:
+            params: dict[str, Any] = {"limit": limit, **({"cursor": cursor} if cursor else {})}
+            body = client.get("/v1/jobs", params=params).json()
+            assert len(body["jobs"]) <= limit
+            seen += [j["job_id"] for j in body["jobs"]]
+            pages += 1
+            cursor = body["next_cursor"]
+            if cursor is None:
+                break
+        assert seen == newest_first and pages == -(-4 // limit)
+
+    only = client.get("/v1/jobs", params={"state": "cancelled"}).json()
+    assert [j["job_id"] for j in only["jobs"]] == [cancelled_id]
+    finished_ids = [j for j in newest_first if j != cancelled_id]
+    page = client.get("/v1/jobs", params={"state": "finished", "limit": 2}).json()
+    assert [j["job_id"] for j in page["jobs"]] == finished_ids[:2]
+    rest = client.get("/v1/jobs", params={"state": "finished", "cursor": page["next_cursor"]}).json()
+    assert [j["job_id"] for j in rest["jobs"]] == finished_ids[2:] and rest["next_cursor"] is None
+    assert client.get("/v1/jobs", params={"state": "running"}).json()["jobs"] == []
+
+    for bad in ({"cursor": "nope"}, {"cursor": "12:"}, {"state": "done"}, {"limit": 0}):
+        assert client.get("/v1/jobs", params=bad).status_code == 422, bad
