@@ -111,7 +111,7 @@ def echo_job(count: int, fails: tuple[int, ...]) -> dict[str, Any]:
     items: list[dict[str, Any]] = [{"arguments": {"text": f"t{i}"}, "key": f"k{i}"} for i in range(count)]
     for i in fails:
         items[i] = {"tool": "fail", "arguments": {"message": f"nope {i}"}, "key": f"k{i}"}
-    items[0]["arguments"]["text"] = MARKUP  # shown as text, never parsed
+    items[-1]["arguments"]["text"] = MARKUP  # shown as text, never parsed
     return {"server": "demo", "tool": "echo", "items": items}
 
 
@@ -173,10 +173,10 @@ def test_job_progress_failures_and_retry(page: Page, swarm: Swarm) -> None:
     expect(group.get_by_test_id("failure-samples")).to_contain_text("nope 3")
 
     expect(page.get_by_test_id("result-row")).to_have_count(50)
-    expect(page.locator('[data-testid="result-row"][data-index="0"]')).to_contain_text(MARKUP)
-    expect(page.locator("[data-injected]")).to_have_count(0)
     page.get_by_test_id("results-next").click()
     expect(page.get_by_test_id("result-row")).to_have_count(10)
+    expect(page.locator('[data-testid="result-row"][data-index="59"]')).to_contain_text(MARKUP)
+    expect(page.locator("[data-injected]")).to_have_count(0)
     page.get_by_test_id("results-status").select_option("failed")
     failed_rows = page.get_by_test_id("result-row")
     expect(failed_rows).to_have_count(3)
