@@ -33,6 +33,20 @@ class JobNotFound(ToolswarmError):
     error_type = "job_not_found"
 
 
+class InvalidSessionId(ToolswarmError):
+    """A session id that is not a UUID: refused before it can name a key or a file."""
+
+    error_type = "invalid_session_id"
+    MAX_SHOWN = 60  # characters of the bad id's repr the message shows
+
+    def __init__(self, session_id: object) -> None:
+        shown = repr(session_id)
+        if len(shown) > self.MAX_SHOWN:
+            shown = f"{shown[: self.MAX_SHOWN]}... ({len(shown)} chars)"
+        super().__init__(f"invalid session id {shown}: expected a UUID (8-4-4-4-12 hex digits)")
+        self.shown = shown
+
+
 class RedisUnavailable(ToolswarmError):
     """Redis (state store or broker) cannot be reached; the message names the URL."""
 

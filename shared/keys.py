@@ -38,6 +38,18 @@ class JobKeys:
 
 
 @dataclass(frozen=True)
+class ContextKeys:
+    """The keys of one session's conversation context (see shared/context.py)."""
+
+    meta: str  # hash: incarnation, generation, summary, appended, updated_at_ms
+    window: str  # list: the window's records (JSON), oldest first
+    compacting: str  # string: the token of the one compactor at work on the window (expires)
+
+    def all(self) -> list[str]:
+        return [getattr(self, f.name) for f in fields(self)]
+
+
+@dataclass(frozen=True)
 class Keys:
     namespace: str = "toolswarm"
 
@@ -150,6 +162,17 @@ class Keys:
     @property
     def workers_pattern(self) -> str:
         return f"{self.prefix}worker:*"
+
+    def context(self, session_id: str) -> ContextKeys:
+        """A session's context keys, under the hash tag ``{session_id}`` (a validated UUID only)."""
+        base = f"{self.prefix}ctx:{{{session_id}}}"
+        return ContextKeys(meta=base, window=f"{base}:window", compacting=f"{base}:compacting")
+
+    @property
+    def context_sessions(self) -> str:
+        """Sorted set of session ids by last access (ms): the context store's LRU order and cap.
+        Like ``leases``, the one key the context scripts touch outside a session's hash tag."""
+        return f"{self.prefix}ctx-sessions"
 
     def queue(self, server: str) -> str:
         """The Celery queue carrying chunks for one MCP server."""
