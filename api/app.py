@@ -16,8 +16,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.wire import InvalidJob, JobIn, JobsPage, ResultsPage, Submitted, to_job_spec
 from shared import events
+from shared.context import ContextStore, SessionContext, open_context_store
 from shared.embedded import redis_url
-from shared.errors import JobNotFound, JobSpecError, RedisUnavailable
+from shared.errors import InvalidSessionId, JobNotFound, JobSpecError, RedisUnavailable
 from shared.fleet import ServerView, WorkerLife, live_workers, server_views
 from shared.jobs import Enqueuer, resolve_items, submit_job
 from shared.keys import Keys
@@ -93,9 +94,13 @@ def create_api(
             state["enqueuer"] = CeleryEnqueuer(create_app(settings), keys)
         else:
             state["enqueuer"] = enqueuer_factory(settings, keys)
+        if settings.context.store != "memory":  # the memory store lives inside each worker
+            state["contexts"] = open_context_store(settings, client)
         try:
             yield
         finally:
+            if "contexts" in state:
+                await state["contexts"].close()
             await client.aclose()
 
     api = FastAPI(
@@ -130,6 +135,10 @@ def create_api(
     @api.exception_handler(InvalidJob)
     async def _invalid(_: Request, exc: InvalidJob) -> JSONResponse:
         return problem(422, "invalid job", exc.errors)
+
+    @api.exception_handler(InvalidSessionId)
+    async def _bad_session(_: Request, exc: InvalidSessionId) -> JSONResponse:
+        return problem(422, exc.message)
 
     @api.exception_handler(RedisUnavailable)
     async def _unavailable(_: Request, exc: RedisUnavailable) -> JSONResponse:
@@ -235,6 +244,24 @@ def create_api(
     async def workers() -> list[WorkerLife]:
         """The live worker processes (their heartbeats in Redis)."""
         return await live_workers(store())
+
+    def contexts() -> ContextStore:
+        if "contexts" not in state:
+            raise HTTPException(409, "the memory context store lives inside each worker: use redis or sqlite")
+        return state["contexts"]  # type: ignore[no-any-return]
+
+    @api.get("/v1/context/{session}", response_model=SessionContext, dependencies=[Auth])
+    async def get_context(session: str) -> SessionContext:
+        """A session's context: the summary before its window and the window's records."""
+        found = await contexts().get(session)
+        if found is None:
+            raise HTTPException(404, f"session {session} has no context (never written, cleared, or evicted)")
+        return found
+
+    @api.delete("/v1/context/{session}", dependencies=[Auth])
+    async def clear_context(session: str) -> dict[str, bool]:
+        """Empty a session's context; ``cleared`` is false when it had none."""
+        return {"cleared": await contexts().clear(session)}
 
     @api.get("/healthz")
     async def healthz() -> dict[str, bool]:

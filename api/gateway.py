@@ -25,6 +25,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from api.wire import InvalidJob, ItemIn, JobIn, ResultsPage, Submitted, to_job_spec
 from shared import jobs
+from shared.context import ContextStore, SessionContext, open_context_store
 from shared.embedded import redis_url
 from shared.errors import ConfigError, JobNotFound, JobSpecError, RedisUnavailable, ToolswarmError
 from shared.fleet import Fleet, fleet
@@ -48,6 +49,16 @@ then poll job_status and page job_results. list_servers and list_tools show what
 class ToolsOut(BaseModel):
     server: str
     tools: list[ToolInfo]
+
+
+class ContextOut(BaseModel):
+    session: str
+    context: SessionContext | None = Field(description="Null: never written, cleared, or evicted.")
+
+
+class ContextCleared(BaseModel):
+    session: str
+    cleared: bool = Field(description="False when the session had no context.")
 
 
 class MapSuccess(BaseModel):
@@ -148,6 +159,7 @@ class Gateway:
         self._store: JobStore | None = None
         self._enqueuer: Enqueuer | None = None
         self._handoffs: HandoffStore | None = None
+        self._contexts: ContextStore | None = None
 
     @property
     def store(self) -> JobStore:
@@ -168,6 +180,8 @@ class Gateway:
         return self._enqueuer
 
     async def close(self) -> None:
+        if self._contexts is not None:
+            await self._contexts.close()
         if self._store is not None:
             await self._store.client.aclose()
             self._store = None
@@ -227,9 +241,20 @@ class Gateway:
                 result.failed.append(MapFailure(index=record.index, key=record.key, error=record.error))
         return result
 
+    @property
+    def contexts(self) -> ContextStore:
+        if self.settings.context.store == "memory":
+            raise ToolError("context: the memory store lives inside each worker process; use redis or sqlite")
+        if self._contexts is None:
+            self._contexts = open_context_store(self.settings, self.store.client)
+        return self._contexts
+
     async def receive_handoff(self, envelope: HandoffEnvelope) -> HandoffReceipt:
         if envelope.next_tool_hint is None:
             raise ToolError("envelope.next_tool_hint: name the tool to call on the target server")
+        if envelope.summary_before_window and self.settings.context.store != "memory":
+            # the receiving side starts the session from the sender's summary, not from its history
+            await self.contexts.init_from_summary(str(envelope.session_id), envelope.summary_before_window)
         if self._handoffs is None:
             self._handoffs = HandoffStore(self.store.client, self.keys)
         return await receive(self._handoffs, envelope, self.settings.servers, self.run_handoff)
@@ -297,6 +322,7 @@ def create_gateway(
 JobId = Annotated[
     str, Field(min_length=1, max_length=200, description="A job id, as submit_job returned it.")
 ]
+SessionId = Annotated[str, Field(max_length=100, description="A session id (UUID).")]
 
 
 def register_tools(server: MCPServer, gateway: Gateway) -> None:
@@ -402,6 +428,19 @@ def register_tools(server: MCPServer, gateway: Gateway) -> None:
         than ttl_seconds."""
         with as_tool_errors():
             return await gateway.receive_handoff(envelope)
+
+    @server.tool()
+    async def context_get(session: SessionId) -> ContextOut:
+        """A session's context: the summary of what came before its window, and the window's
+        records (tool, server, arguments, result text, is_error, at_ms), oldest first."""
+        with as_tool_errors():
+            return ContextOut(session=session, context=await gateway.contexts.get(session))
+
+    @server.tool()
+    async def context_clear(session: SessionId) -> ContextCleared:
+        """Empty a session's context, so the next task of a long session starts clean."""
+        with as_tool_errors():
+            return ContextCleared(session=session, cleared=await gateway.contexts.clear(session))
 
     @server.tool()
     async def map_tool(

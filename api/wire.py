@@ -28,6 +28,7 @@ class ItemIn(BaseModel):
     key: str | None = None
     input: dict[str, Any] | None = None
     steps: list[StepSpec] | None = None
+    session: str | None = Field(default=None, description="A conversation session (UUID) to record calls in.")
 
 
 class JobIn(BaseModel):

@@ -14,6 +14,7 @@ from rich.console import Console
 
 from cli import display
 from shared import events
+from shared.context import ContextStore, SessionContext, open_context_store, validate_session_id
 from shared.doctor import Diagnosis, diagnose
 from shared.embedded import redis_url
 from shared.errors import ConfigError, JobSpecError
@@ -236,3 +237,39 @@ def print_events(
                     return
 
     asyncio.run(go())
+
+
+@asynccontextmanager
+async def open_contexts(settings: Settings) -> AsyncIterator[ContextStore]:
+    """The sessions' context store the workers use, from outside them."""
+    if settings.context.store == "memory":
+        raise ConfigError(
+            "the memory context store lives inside each worker process: "
+            "set [context] store to redis or sqlite to read or clear it from here"
+        )
+    async with open_store(settings) as store:
+        contexts = open_context_store(settings, store.client)
+        try:
+            yield contexts
+        finally:
+            await contexts.close()
+
+
+def context_show(settings: Settings, session: str) -> SessionContext | None:
+    session = validate_session_id(session)
+
+    async def go() -> SessionContext | None:
+        async with open_contexts(settings) as contexts:
+            return await contexts.get(session)
+
+    return asyncio.run(go())
+
+
+def context_clear(settings: Settings, session: str) -> bool:
+    session = validate_session_id(session)
+
+    async def go() -> bool:
+        async with open_contexts(settings) as contexts:
+            return await contexts.clear(session)
+
+    return asyncio.run(go())

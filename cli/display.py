@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +14,7 @@ from shared.models import JobStatus
 from shared.settings import Settings
 
 if TYPE_CHECKING:  # the doctor's models import the whole engine: not for every command's start-up
+    from shared.context import SessionContext
     from shared.doctor import ChunkCount, Diagnosis, JobDiagnosis
     from shared.fleet import Fleet
     from shared.probes import ProbeResult
@@ -122,6 +124,24 @@ def print_servers(console: Console, settings: Settings, fleet: Fleet) -> None:
     console.print(
         f"{len(fleet.workers)} live worker process(es): " + ", ".join(w.worker for w in fleet.workers)
     )
+
+
+def print_context(console: Console, context: SessionContext) -> None:
+    console.print(
+        f"session {context.session_id}: {context.appended} calls recorded, "
+        f"{len(context.window)} in the window"
+    )
+    if context.summary_before_window:
+        console.print(f"summary before the window: {context.summary_before_window}", highlight=False)
+    table = Table(title="window (oldest first)")
+    for column in ("at", "server", "tool", "error", "result"):
+        table.add_column(column)
+    for record in context.window:
+        at = time.strftime("%H:%M:%S", time.localtime(record.at_ms / 1000))
+        table.add_row(
+            at, record.server, record.tool, "yes" if record.is_error else "", record.result_text[:80]
+        )
+    console.print(table)
 
 
 def event_line(entry_id: str, fields: dict[str, str]) -> str:

@@ -317,6 +317,35 @@ def servers(as_json: JsonFlag = False) -> None:
             display.print_servers(console, config, seen)
 
 
+context_app = typer.Typer(help="Sessions' conversation context: show or clear one.", no_args_is_help=True)
+app.add_typer(context_app, name="context")
+
+
+@context_app.command("show")
+def context_show(session: str, as_json: JsonFlag = False) -> None:
+    """Show a session's context: its summary and the records of its window."""
+    from cli import commands
+
+    with _errors_as_one_line():
+        found = commands.context_show(settings(), session)
+        if as_json:
+            print(found.model_dump_json() if found is not None else "null")
+        elif found is None:
+            console.print(f"session {session}: no context (never written, cleared, or evicted)")
+        else:
+            display.print_context(console, found)
+
+
+@context_app.command("clear")
+def context_clear(session: str) -> None:
+    """Empty a session's context (between tasks of one long session)."""
+    from cli import commands
+
+    with _errors_as_one_line():
+        cleared = commands.context_clear(settings(), session)
+        console.print(f"session {session}: " + ("cleared" if cleared else "had no context"))
+
+
 # --- processes --------------------------------------------------------------------------------
 
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from jsonschema import Draft202012Validator
 
 from shared.committer import BatchCommitter, Checkpointer
+from shared.context import ContextStore
 from shared.handoff import HandoffStore
 from shared.jobs import Enqueuer
 from shared.limiter import ClusterLimiter, LocalSlots
@@ -108,6 +109,7 @@ class ExecutionContext:
     served: set[str] = field(default_factory=set)
     handoffs: HandoffStore | None = None  # envelopes of items handed between pools (see pools.py)
     handoff_sender: HandoffSender | None = None  # made on the first handoff
+    context: ContextStore | None = None  # sessions' contexts (items with a session record calls there)
 
     def limit(self, server: str) -> LocalSlots:
         slots = self.limits.get(server)

@@ -10,6 +10,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.calls import AnswerElsewhere, call_tool, target_for
+from shared.conversation import record_call
 from shared.errors import HandoffRefused, RedisUnavailable
 from shared.execution import CALLING, RELEASED, WAITING, ChunkHandedBack, Draining, ExecutionContext
 from shared.jobs import feed_next
@@ -43,6 +44,7 @@ async def call_item(
     tool = spec.tool or ""
     target = target_for(ctx, job_id, claim, server, tool, spec.arguments, retry=(policy,), urgent=urgent)
     outcome = await call_tool(ctx, target)
+    await record_call(ctx.context, spec.session, server, tool, spec.arguments, outcome)
     return ResultRecord(
         item_id=item_id(job_id, claim.index),
         job_id=job_id,

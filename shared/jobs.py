@@ -85,7 +85,7 @@ def new_job_id() -> str:
     return uuid.uuid4().hex[:16]
 
 
-PIPELINE_LINE_FIELDS = {"input", "key"}
+PIPELINE_LINE_FIELDS = {"input", "key", "session"}
 
 
 def parse_items_lines(
@@ -113,7 +113,8 @@ def parse_items_lines(
         if pipeline and set(raw) - PIPELINE_LINE_FIELDS:
             extra = ", ".join(sorted(set(raw) - PIPELINE_LINE_FIELDS))
             errors.append(
-                f"line {number}: the job has a pipeline: a line carries only input and key, not {extra}"
+                f"line {number}: the job has a pipeline: a line carries only input, key and session, "
+                f"not {extra}"
             )
             continue
         if not pipeline:

@@ -6,8 +6,9 @@ import uuid
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
+from shared.errors import InvalidSessionId
 from shared.refs import SCOPE_ROOTS, SUMMARY_ROOTS, check_reference, find_references
 from shared.settings import RetryPolicy
 
@@ -117,6 +118,9 @@ class ItemSpec(BaseModel):
     # Keys of other items of the job that must succeed before this one starts; their final outputs
     # are in scope as needs."KEY".
     needs: list[str] | None = None
+    # A conversation session (UUID): every call made for the item is recorded in its context, and
+    # steps may refer to context.summary and context.window.
+    session: str | None = None
     # The line of the items file it came from, so that errors found later can name it.
     _line: int | None = PrivateAttr(default=None)
 
@@ -124,6 +128,19 @@ class ItemSpec(BaseModel):
         return isinstance(other, ItemSpec) and self.__dict__ == other.__dict__
 
     __hash__ = None  # type: ignore[assignment]
+
+    @field_validator("session")
+    @classmethod
+    def _session_is_a_uuid(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            canonical = str(uuid.UUID(value))
+        except ValueError:
+            canonical = ""
+        if canonical != value.lower():
+            raise ValueError(InvalidSessionId(value).message)
+        return canonical
 
     def where(self, number: int) -> str:
         """How errors name the item: by its line in the items file, or by its number in the job."""

@@ -34,12 +34,15 @@ def item_scope(
     item_input: Mapping[str, Any] | None,
     records: Mapping[str, StepRecord],
     needs: Mapping[str, Any] | None = None,
+    context: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """What ``$from`` expressions are evaluated over: the item's input, the finished steps' outputs
-    and (for an item with needs) its needs' final outputs."""
+    """What ``$from`` expressions are evaluated over: the item's input, the finished steps' outputs,
+    (for an item with needs) its needs' final outputs, and its session's ``context`` ``{summary,
+    window}`` (empty without a session)."""
     scope = {
         "input": dict(item_input or {}),
         "steps": {name: record.output for name, record in records.items() if record.output is not None},
+        "context": dict(context) if context is not None else {"summary": None, "window": []},
     }
     if needs is not None:
         scope["needs"] = dict(needs)

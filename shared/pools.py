@@ -45,6 +45,7 @@ def handoff_token(job_id: str, index: int, step: str) -> str:
 
 
 def item_session(job_id: str, index: int) -> uuid.UUID:
+    """The envelope's session id of an item without a session of its own: stable per item."""
     return uuid.uuid5(SESSION_NAMESPACE, f"{job_id}:{index}")
 
 
@@ -92,8 +93,14 @@ async def hand_off(ctx: ExecutionContext, job_id: str, claim: Claim, handing: Ha
     step = handing.step
     finished = [name for name, record in handing.records.items() if record.status in CHECKPOINTED]
     carried = finished if step.carry is None else [name for name in step.carry if name in finished]
+    session = claim.spec.session
+    summary = None
+    if session is not None and ctx.context is not None:
+        found = await ctx.context.get(session)
+        summary = found.summary_before_window if found is not None else None
     envelope = new_envelope(
-        session_id=item_session(job_id, claim.index),
+        session_id=session or item_session(job_id, claim.index),
+        summary_before_window=summary,
         idempotency_token=handoff_token(job_id, claim.index, step.name),
         source_server=handing.source_server,
         target_server=handing.target_server,
@@ -153,6 +160,9 @@ async def received(
         envelope = await open_envelope(handoffs(ctx), sent, ctx.served)
     except HandoffMisdelivered:
         return checkpointed
+    if envelope.summary_before_window and claim.spec.session and ctx.context is not None:
+        # a store this side does not share with the sender starts from its summary, not its history
+        await ctx.context.init_from_summary(claim.spec.session, envelope.summary_before_window)
     carried = envelope.accumulated_context
     return {
         name: record.model_copy(update={"output": carried.get(name)}) for name, record in checkpointed.items()

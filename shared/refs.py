@@ -17,7 +17,7 @@ from jmespath.exceptions import JMESPathError
 from jmespath.parser import ParsedResult
 
 FROM = "$from"
-SCOPE_ROOTS = ("input", "steps")  # a pipeline step's scope
+SCOPE_ROOTS = ("input", "steps", "context")  # a pipeline step's scope (context: its session's)
 SUMMARY_ROOTS = ("total", "successful", "failed")  # a reduce's scope: the job summary
 
 # Node types whose first child is evaluated against the same value as the node itself; the others
@@ -143,10 +143,8 @@ def check_reference(
     for path in scope_paths(parsed.parsed):
         root = path[0]
         if root not in roots:
-            return (
-                f"{reference.where}: $from {expression!r} reads {root!r}, which is not in scope "
-                f"(use {', '.join(roots[:-1])} or {roots[-1]})"
-            )
+            allowed = f"{', '.join(roots[:-1])} or {roots[-1]}" if len(roots) > 1 else roots[0]
+            return f"{reference.where}: $from {expression!r} reads {root!r}, not in scope (use {allowed})"
         if root == "steps" and len(path) > 1 and path[1] not in earlier_steps:
             return (
                 f"{reference.where}: $from {expression!r} refers to step {path[1]!r}, "

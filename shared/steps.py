@@ -12,6 +12,7 @@ from typing import Any
 from jmespath.exceptions import JMESPathError
 
 from shared.calls import AnswerElsewhere, call_tool, target_for
+from shared.conversation import context_scope, reads_context, record_call
 from shared.errors import InvalidArguments, ToolswarmError
 from shared.execution import ExecutionContext
 from shared.models import ItemError, ResultRecord, StepRecord, StepSpec, item_id
@@ -100,8 +101,10 @@ async def run_step(
     completed = [name for name, record in records.items() if record.status in CHECKPOINTED]
     arguments: dict[str, Any] | None = step.arguments
     if any(True for _ in find_references(step.arguments)):
+        session = claim.spec.session
+        context = await context_scope(ctx.context, session) if reads_context(step.arguments) else None
         try:
-            arguments = resolve(step.arguments, item_scope(claim.spec.input, records, needs))
+            arguments = resolve(step.arguments, item_scope(claim.spec.input, records, needs, context))
             problem = await schema_problem(ctx, server, step.tool, arguments)
         except JMESPathError as exc:
             arguments, problem = None, f"a $from expression failed: {exc}"
@@ -123,6 +126,7 @@ async def run_step(
         urgent=urgent,
     )
     outcome = await call_tool(ctx, target)
+    await record_call(ctx.context, claim.spec.session, server, step.tool, arguments, outcome)
     if outcome.error is not None:
         return failed_step(step, outcome.error, outcome.attempts, outcome.duration_ms, completed, arguments)
     assert outcome.result is not None

@@ -19,6 +19,8 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 from shared.committer import BatchCommitter
+from shared.context import Summarizer, open_context_store
+from shared.conversation import ToolSummarizer
 from shared.embedded import redis_url
 from shared.execution import ExecutionContext
 from shared.executor import drain, execute_chunk_through_outages
@@ -112,10 +114,18 @@ class WorkerRuntime:
             limiter=ClusterLimiter(client, keys, self.worker_id, self.settings.worker.lease_s),
             breaker=Breaker(client, keys, self.settings),
             enqueuer=self.enqueuer,
+            context=open_context_store(self.settings, client, self._summarizer()),
         )
         self._heartbeat = asyncio.create_task(self._beat(), name="toolswarm-heartbeat")
         self._reaper = asyncio.create_task(self._reap(), name="toolswarm-reaper")
         self._prober = asyncio.create_task(self._probe(), name="toolswarm-prober")
+
+    def _summarizer(self) -> Summarizer | None:
+        """The MCP tool ``[context] summarizer`` names, over this worker's pool (None: the default)."""
+        chosen = self.settings.context.summarizer
+        if chosen is None or self._pool is None:
+            return None
+        return ToolSummarizer(self._pool, chosen.server, chosen.tool)
 
     async def _beat(self) -> None:
         """Every heartbeat: renew the leases of all in-flight items and the worker's liveness key,
@@ -201,6 +211,8 @@ class WorkerRuntime:
         if self._context is not None:
             if self._context.limiter is not None:
                 await self._context.limiter.close()
+            if self._context.context is not None:
+                await self._context.context.close()
             store = self._context.store
             try:
                 # Briefly: if Redis is already gone (Ctrl-C reaches it too), the key expires anyway.

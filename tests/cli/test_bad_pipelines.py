@@ -47,7 +47,7 @@ FETCH = step("fetch")
         ),
         pytest.param(
             [steps_line(FETCH, step("parse", text={"$from": "inptu.doc"}))],
-            ["line 1: step 'parse'", "reads 'inptu', which is not in scope (use input or steps)"],
+            ["line 1: step 'parse'", "reads 'inptu', not in scope (use input, steps or context)"],
             id="unknown-root",
         ),
         pytest.param(
@@ -127,7 +127,7 @@ def test_bad_pipeline_items_are_refused(
         pytest.param(
             {"steps": [FETCH]},
             [json.dumps({"input": {}}), GOOD],
-            ["line 2: the job has a pipeline: a line carries only input and key, not arguments, tool"],
+            ["line 2: the job has a pipeline", "only input, key and session, not arguments, tool"],
             id="line-with-a-tool",
         ),
         pytest.param(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,8 @@ import httpx2
 import pytest
 
 from cli.processes import free_port, stop_processes, wait_for_port
+from shared.context import RedisContextStore, ToolCallRecord
+from shared.store import JobStore
 from tests.harness import Cluster, make_cluster, stdio_demo, wait_until
 
 pytestmark = pytest.mark.integration
@@ -311,3 +314,21 @@ def test_list_jobs_newest_first_with_a_cursor_and_a_state_filter(api: tuple[Clus
 
     for bad in ({"cursor": "nope"}, {"cursor": "12:"}, {"state": "done"}, {"limit": 0}):
         assert client.get("/v1/jobs", params=bad).status_code == 422, bad
+
+
+def test_context_routes(api: tuple[Cluster, httpx2.Client]) -> None:
+    cluster, client = api
+    session = str(uuid.uuid4())
+
+    async def append(store: JobStore) -> None:
+        contexts = RedisContextStore(store.client, store.keys)
+        await contexts.append(session, ToolCallRecord(tool="echo", server="demo", arguments={"text": "hi"}))
+
+    cluster.run(cluster.with_store(append))
+    found = client.get(f"/v1/context/{session}")
+    assert found.status_code == 200 and found.json()["window"][0]["tool"] == "echo"
+    assert client.delete(f"/v1/context/{session}").json() == {"cleared": True}
+    assert client.get(f"/v1/context/{session}").status_code == 404
+    assert client.delete(f"/v1/context/{session}").json() == {"cleared": False}
+    refused = client.get("/v1/context/a:b")
+    assert refused.status_code == 422 and "invalid session id" in refused.json()["detail"]

@@ -4,9 +4,9 @@ handoff envelopes, through kill -9 on both sides, with no finished step run agai
 from __future__ import annotations
 
 import itertools
-import re
 import json
 import os
+import re
 import signal
 from collections import Counter
 from pathlib import Path

@@ -88,7 +88,7 @@ def test_scope_paths(expression: str, paths: list[list[str]]) -> None:
         ("steps.{a: later.text}", "refers to step 'later'"),
         ("steps | later.text", "refers to step 'later'"),
         ("steps.fetch.[", "is not valid JMESPath"),
-        ("inptu.doc", "reads 'inptu', which is not in scope (use input or steps)"),
+        ("inptu.doc", "reads 'inptu', not in scope (use input, steps or context)"),
         ("", "must be a JMESPath expression"),
         (3, "must be a JMESPath expression"),
     ],
@@ -145,7 +145,11 @@ def test_outputs_and_scope() -> None:
     }
     done = StepRecord(name="s", server="x", tool="t", status="succeeded", output={"text": "t"})
     failed = StepRecord(name="f", server="x", tool="t", status="failed")
-    assert item_scope(None, {"s": done, "f": failed}) == {"input": {}, "steps": {"s": {"text": "t"}}}
+    assert item_scope(None, {"s": done, "f": failed}) == {
+        "input": {},
+        "steps": {"s": {"text": "t"}},
+        "context": {"summary": None, "window": []},
+    }
 
 
 STEPS = [
