@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,13 +96,17 @@ class Cluster:
             cwd=self.config_file.parent,
         )
 
-    def start_workers(self, count: int, **extra_env: str) -> list[subprocess.Popen[bytes]]:
+    def start_workers(
+        self, count: int, *, inside: Sequence[str] = (), **extra_env: str
+    ) -> list[subprocess.Popen[bytes]]:
+        """``inside``: a command prefix the workers run under (``ip netns exec NS`` for a host)."""
         started = []
         for i in range(count):
             log = open(self.config_file.parent / f"worker-{len(self.workers)}.log", "wb")  # noqa: SIM115
             started.append(
                 subprocess.Popen(
                     [
+                        *inside,
                         sys.executable,
                         "-m",
                         "cli",
