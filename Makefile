@@ -21,8 +21,9 @@ $(DEV_STAMP): pyproject.toml | $(PY)
 demo: $(STAMP)
 	$(VENV)/bin/toolswarm demo
 
+# Both cores: most integration tests wait on leases, probes and servers, not on the CPU.
 test: $(DEV_STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadgroup
 
 lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check .

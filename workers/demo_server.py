@@ -148,13 +148,17 @@ def build_server(record_path: str | None = None) -> MCPServer:
     return server
 
 
-def main(argv: list[str] | None = None) -> None:
+def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="toolswarm-demo-server", description=__doc__)
     parser.add_argument("--transport", choices=["stdio", "http", "sse"], default="stdio")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--record", metavar="FILE", help="Append a line per call to FILE.")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = argument_parser().parse_args(argv)
     server = build_server(args.record)
     # Its collector stopped this server for 1.6 s of a 34 s bench/fanout.py run (all 32 calls in
     # flight on hold); tuned like the workers', 0.2 s.
