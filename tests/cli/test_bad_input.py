@@ -198,6 +198,11 @@ def test_no_redis_configured(cluster: Cluster, tmp_path: Path, client: redis.Red
             id="unknown-top-level-key",
         ),
         pytest.param("[servers.demo\n", ["invalid TOML"], id="invalid-toml"),
+        pytest.param(
+            server_toml("demo", **stdio_demo(env={"DEMO_TOKEN": "${TOOLSWARM_TEST_UNSET_TOKEN}"})),
+            ["servers.demo.env.DEMO_TOKEN: environment variable TOOLSWARM_TEST_UNSET_TOKEN is not set"],
+            id="variable-not-set",
+        ),
     ],
 )
 def test_bad_config_file_names_the_key(
