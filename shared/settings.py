@@ -12,16 +12,29 @@ import os
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import parse_qsl, urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from shared.errors import ConfigError
+from shared.interpolation import interpolate
 
 CONFIG_ENV = "TOOLSWARM_CONFIG"
 DEFAULT_CONFIG_FILE = "toolswarm.toml"
 
 Transport = Literal["stdio", "http", "sse"]
+# Query parameters of a rediss:// URL that name files (redis-py and kombu read the same names).
+TLS_FILE_PARAMETERS = frozenset({"ssl_ca_certs", "ssl_certfile", "ssl_keyfile"})
+LogFormat = Literal["text", "json"]
 
 
 class _Strict(BaseModel):
@@ -119,6 +132,10 @@ class StateSettings(_Strict):
     mode: Literal["cas", "log"] = "cas"
     snapshot_every_events: int = Field(default=500, ge=1)
     snapshot_every_s: float = Field(default=5.0, gt=0)
+    # Retention: a finished or cancelled job (every key, its idempotency key, its place in the jobs
+    # index) expires this long after it ends; 0 keeps jobs forever. A job keeps the value it was
+    # submitted with.
+    job_ttl_s: int = Field(default=7 * 24 * 3600, ge=0)
 
 
 class ProbeSettings(_Strict):
@@ -166,6 +183,9 @@ class Settings(BaseSettings):
     state_dir: str = ".toolswarm"
     # The embedded Valkey keeps an append-only file in state_dir/redis-data, so a restart loses nothing.
     embedded_appendonly: bool = False
+    # Logs of worker, api and gateway: "text" (as Celery and uvicorn write them) or "json" (one
+    # object per line with job_id, chunk, item and server where they apply; see log_format.py).
+    log_format: LogFormat = "text"
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     state: StateSettings = Field(default_factory=StateSettings)
     probes: ProbeSettings = Field(default_factory=ProbeSettings)
@@ -183,6 +203,16 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The file's values arrive as init kwargs; the environment must override them.
         return (env_settings, init_settings)
+
+    @field_validator("redis_url", "broker_url")
+    @classmethod
+    def _tls_files_exist(cls, url: str | None) -> str | None:
+        """A CA, certificate or key file that a ``rediss://`` URL names must exist here, or every
+        connection fails with a bare "No such file or directory"."""
+        for name, value in parse_qsl(urlsplit(url or "").query):
+            if name in TLS_FILE_PARAMETERS and not Path(value).is_file():
+                raise ValueError(f"{name} file {value} does not exist")
+        return url
 
     @model_validator(mode="after")
     def _names_known_servers(self) -> Settings:
@@ -232,6 +262,10 @@ def load_settings(path: str | Path | None = None) -> Settings:
             raise ConfigError(f"config file {resolved} does not exist") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {resolved}: invalid TOML: {exc}") from None
+        try:
+            data = interpolate(data, os.environ)
+        except ConfigError as exc:
+            raise ConfigError(f"config file {resolved}: {exc}") from None
     try:
         return Settings(**data)
     except ValidationError as exc:
