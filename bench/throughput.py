@@ -4,9 +4,12 @@ On the demo MCP server's ``echo`` tool, over streamable HTTP and over stdio, at 
 concurrency:
 - direct: one asyncio process with persistent sessions (the ceiling);
 - naive: a new connection (HTTP) or a new server process (stdio) per call;
-- swarm: toolswarm end to end — submit → Celery workers → committed results in Redis.
-Direct and swarm alternate for several rounds and the median is reported, because the machine
-is shared and noisy. The last line is ``ratios: swarm/direct=X.XX swarm/naive=Y.YY`` (HTTP).
+- swarm: toolswarm end to end — submit → Celery workers → committed results in Redis;
+- celery: plain Celery (bench/plain_celery.py), one task per item, a persistent session per
+  worker process, one HSET per result, as many worker processes and calls in flight.
+Direct, swarm and celery alternate for several rounds and the median is reported, because the
+machine is shared and noisy. The last line is
+``ratios: swarm/direct=X.XX swarm/naive=Y.YY swarm/celery=Z.ZZ`` (HTTP).
 
     python bench/throughput.py [--items 3000] [--rounds 3] [--workers 2] [--concurrency 32]
 """
@@ -17,6 +20,7 @@ import argparse
 import asyncio
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -24,9 +28,12 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+import redis
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import plain_celery  # noqa: E402
 from cli.commands import open_store, submit  # noqa: E402
 from cli.processes import free_port, stop_processes  # noqa: E402
 from shared.embedded import EmbeddedRedis  # noqa: E402
@@ -106,6 +113,77 @@ def swarm(cluster: Cluster, settings: Settings, items: int, workdir: Path) -> fl
     return items / elapsed
 
 
+class PlainCelery:
+    """Plain Celery workers (bench/plain_celery.py) on the same Redis, for one server."""
+
+    def __init__(
+        self, redis_url: str, config: ServerConfig, workers: int, threads: int, workdir: Path
+    ) -> None:
+        self.env = {
+            **os.environ,
+            plain_celery.BROKER_ENV: redis_url,
+            plain_celery.SERVER_ENV: config.model_dump_json(),
+            "PYTHONPATH": str(ROOT),
+        }
+        self.redis_url, self.workdir, self.rounds = redis_url, workdir, 0
+        self.results = redis.Redis.from_url(redis_url)
+        self.results.delete(plain_celery.READY_KEY)
+        self.processes = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "bench.plain_celery",
+                    "worker",
+                    "--pool",
+                    "threads",
+                    f"--concurrency={threads}",
+                    "--loglevel=WARNING",
+                    f"--hostname=plain{i}@%h",
+                    "--without-gossip",
+                    "--without-mingle",
+                    "--without-heartbeat",
+                ],
+                env=self.env,
+                stdout=open(workdir / f"plain-celery-{i}.log", "wb"),  # noqa: SIM115
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                start_new_session=True,
+            )
+            for i in range(workers)
+        ]
+        deadline = time.monotonic() + 60
+        while int(self.results.get(plain_celery.READY_KEY) or 0) < workers:
+            if time.monotonic() > deadline or any(p.poll() is not None for p in self.processes):
+                raise RuntimeError(f"plain Celery workers did not start: see {workdir}/plain-celery-*.log")
+            time.sleep(0.1)
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.processes]
+
+    def run(self, items: int) -> float:
+        """Send one task per item, wait until every result is in Redis; items per second."""
+        self.rounds += 1
+        job = f"round-{self.rounds}"
+        started = time.perf_counter()
+        with plain_celery.app.connection_for_write() as connection:
+            for i in range(items):
+                plain_celery.call.apply_async((job, str(i), *echo_call(i)), connection=connection)
+        while self.results.hlen(f"plain-celery:{job}") < items:
+            time.sleep(0.005)
+        elapsed = time.perf_counter() - started
+        failed = [v for v in self.results.hvals(f"plain-celery:{job}") if b'"ok": true' not in v]
+        assert not failed, failed[:3]
+        return items / elapsed
+
+    def stop(self) -> None:
+        stop_processes(self.processes, grace_s=10)
+        self.results.close()
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU of a process so far (Linux /proc; 0 elsewhere)."""
     try:
@@ -122,8 +200,11 @@ class CpuMeter:
         self.cluster, self.server_pid = cluster, server_pid
         self.samples: dict[str, list[float]] = {}
 
-    def measure(self, label: str, items: int, run: Callable[[], float]) -> float:
-        pids = {"workers": [w.pid for w in self.cluster.workers], "server": [self.server_pid or 0]}
+    def measure(
+        self, label: str, items: int, run: Callable[[], float], workers: list[int] | None = None
+    ) -> float:
+        workers = [w.pid for w in self.cluster.workers] if workers is None else workers
+        pids = {"workers": workers, "server": [self.server_pid or 0]}
         before = {k: sum(cpu_seconds(p) for p in v) for k, v in pids.items()}
         own = time.process_time()
         rate = run()
@@ -167,13 +248,19 @@ def run_transport(
     os.environ.update(cluster.env)
     settings = load_settings(cluster.config_file)
     config = settings.servers["demo"]
+    plain_celery.app.conf.broker_url = redis_url
+    celery: PlainCelery | None = None
     try:
         cluster.start_workers(args.workers)
+        celery = PlainCelery(redis_url, config, args.workers, per_worker, workdir)
+        plain = celery
+        plain.run(200)  # warm-up
         swarm(cluster, settings, 200, workdir)  # warm-up: open every worker's sessions
         run_like_a_worker(direct(config, 200, args.concurrency, args.workers))
         meter = CpuMeter(cluster, server_pid)
         direct_rates: list[float] = []
         swarm_rates: list[float] = []
+        celery_rates: list[float] = []
         for _ in range(args.rounds):
             direct_rates.append(
                 meter.measure(
@@ -185,11 +272,16 @@ def run_transport(
             swarm_rates.append(
                 meter.measure("swarm", args.items, lambda: swarm(cluster, settings, args.items, workdir))
             )
+            celery_rates.append(
+                meter.measure("celery", args.items, lambda: plain.run(args.items), plain.pids)
+            )
         naive_items = args.naive_items if name == "http" else max(16, args.naive_items // 10)
         naive_rate = asyncio.run(naive(config, naive_items, args.concurrency))
     finally:
         cluster.stop_workers()
-    d, s = statistics.median(direct_rates), statistics.median(swarm_rates)
+        if celery is not None:
+            celery.stop()
+    d, s, c = statistics.median(direct_rates), statistics.median(swarm_rates), statistics.median(celery_rates)
     print(
         f"[{name}] direct (persistent sessions, c={args.concurrency}): {d:8.1f} items/s  {fmt(direct_rates)}"
     )
@@ -199,6 +291,7 @@ def run_transport(
     print(
         f"[{name}] swarm  ({args.workers} workers, submit→committed):  {s:8.1f} items/s  {fmt(swarm_rates)}"
     )
+    print(f"[{name}] celery ({args.workers} plain Celery workers):     {c:8.1f} items/s  {fmt(celery_rates)}")
     client, workers = meter.per_item("direct.client"), meter.per_item("swarm.workers")
     print(
         f"[{name}] CPU ms/item: direct client {client:.2f}, swarm workers {workers:.2f} "
@@ -210,8 +303,16 @@ def run_transport(
             else ""
         )
     )
-    print(f"[{name}] swarm/direct={s / d:.2f} swarm/naive={s / naive_rate:.2f}", flush=True)
-    return {"direct": d, "naive": naive_rate, "swarm": s}
+    print(
+        f"[{name}] CPU ms/item: plain Celery workers {meter.per_item('celery.workers'):.2f}, "
+        f"sending {meter.per_item('celery.client'):.2f}; toolswarm's own (swarm workers - direct client) "
+        f"{workers - client:.2f}"
+    )
+    print(
+        f"[{name}] swarm/direct={s / d:.2f} swarm/naive={s / naive_rate:.2f} swarm/celery={s / c:.2f}",
+        flush=True,
+    )
+    return {"direct": d, "naive": naive_rate, "swarm": s, "celery": c}
 
 
 def fmt(samples: list[float]) -> str:
@@ -261,7 +362,8 @@ def main() -> None:
             redis.stop()
     last = results.get("http") or next(iter(results.values()))
     to_direct, to_naive = last["swarm"] / last["direct"], last["swarm"] / last["naive"]
-    print(f"ratios: swarm/direct={to_direct:.2f} swarm/naive={to_naive:.2f}")
+    to_celery = last["swarm"] / last["celery"]
+    print(f"ratios: swarm/direct={to_direct:.2f} swarm/naive={to_naive:.2f} swarm/celery={to_celery:.2f}")
 
 
 if __name__ == "__main__":
