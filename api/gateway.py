@@ -469,14 +469,18 @@ async def serve_stdio(settings: Settings) -> None:
         await gateway.close()
 
 
-async def serve_http(settings: Settings, host: str, port: int) -> None:
+async def serve_http(settings: Settings, host: str, port: int, log_level: str = "warning") -> None:
     import uvicorn
 
     server, gateway = create_gateway(settings, http_url=f"http://{host}:{port}")
     app = server.streamable_http_app(
         streamable_http_path="/mcp", host=host, transport_security=transport_security(settings, host)
     )
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
+    # JSON logs are set up by the caller: uvicorn's loggers must not get text handlers of their own.
+    log_config = None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, log_config=log_config, lifespan="on"
+    )
     try:
         await uvicorn.Server(config).serve()
     finally:

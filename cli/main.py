@@ -34,6 +34,14 @@ console = Console()
 err_console = Console(stderr=True)
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+LogFormatOption = Annotated[
+    str | None,
+    typer.Option(
+        "--log-format",
+        help="text, or json: one object per line with job_id, chunk, item, server (default: log_format).",
+    ),
+]
+LogLevelOption = Annotated[str, typer.Option(help="debug, info (with access logs), warning or error.")]
 
 
 class Failure(Exception):
@@ -358,15 +366,19 @@ def worker(
         str | None,
         typer.Option(help="A worker pool: serve only these servers (comma-separated); default all."),
     ] = None,
+    log_format: LogFormatOption = None,
 ) -> None:
     """Run one worker process (a Celery worker of the toolswarm app)."""
     from workers.app import create_app, worker_argv
+    from workers.output import prepare_worker_output
 
     with _errors_as_one_line():
-        config = settings()
+        config = with_log_format(settings(), log_format)
         if servers is not None:
             config = with_pool(config, [name.strip() for name in servers.split(",") if name.strip()])
         celery_app = create_app(config)
+        prepare_worker_output(celery_app, config)
+        quiet = quiet or config.log_format == "json"  # the banner is not JSON
         celery_app.worker_main(argv=worker_argv(config, hostname=hostname, loglevel=loglevel, quiet=quiet))
 
 
@@ -418,6 +430,8 @@ def api(
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to serve on.")] = 8080,
     max_body_mb: Annotated[int, typer.Option(min=1, help="Largest request body accepted (MiB).")] = 16,
+    log_level: LogLevelOption = "warning",
+    log_format: LogFormatOption = None,
 ) -> None:
     """Serve the HTTP API (FastAPI on uvicorn). Set TOOLSWARM_API_TOKEN to require a bearer token."""
     import uvicorn
@@ -425,11 +439,15 @@ def api(
     from api.app import create_api
 
     with _errors_as_one_line():
+        config = with_log_format(settings(), log_format)
+        start_server_logs(config, log_level)
         uvicorn.run(
-            create_api(settings(), max_body_bytes=max_body_mb * 1024 * 1024),
+            create_api(config, max_body_bytes=max_body_mb * 1024 * 1024),
             host=host,
             port=port,
-            log_level="warning",
+            log_level=log_level.lower(),
+            # In JSON mode uvicorn's loggers (error and access) go to the JSON handler set up above.
+            log_config=None if config.log_format == "json" else uvicorn.config.LOGGING_CONFIG,
         )
 
 
@@ -438,6 +456,8 @@ def gateway(
     transport: Annotated[str, typer.Option(help="stdio (for agent and IDE configs) or http.")] = "stdio",
     host: Annotated[str, typer.Option(help="Address to bind (http).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to serve on (http); MCP at /mcp.")] = 8765,
+    log_level: LogLevelOption = "warning",
+    log_format: LogFormatOption = None,
 ) -> None:
     """Serve the MCP gateway: agents submit and map tool calls on the swarm through MCP tools.
     Over HTTP, set TOOLSWARM_GATEWAY_TOKEN to require a bearer token."""
@@ -446,13 +466,32 @@ def gateway(
     from api.gateway import serve_http, serve_stdio
 
     with _errors_as_one_line():
-        config = settings()
+        config = with_log_format(settings(), log_format)
+        start_server_logs(config, log_level)
         if transport == "stdio":
             anyio.run(serve_stdio, config)
         elif transport == "http":
-            anyio.run(serve_http, config, host, port)
+            anyio.run(serve_http, config, host, port, log_level.lower())
         else:
             raise Failure(f"--transport must be stdio or http, not {transport!r}")
+
+
+def with_log_format(config: Settings, log_format: str | None) -> Settings:
+    """The settings with ``--log-format`` applied."""
+    if log_format is None:
+        return config
+    if log_format not in ("text", "json"):
+        raise Failure(f"--log-format must be text or json, not {log_format!r}")
+    return config.model_copy(update={"log_format": log_format})
+
+
+def start_server_logs(config: Settings, log_level: str) -> None:
+    """JSON logs for the API and the gateway (a worker's are set up when Celery sets up logging),
+    started before anything logs; text logs stay uvicorn's and the MCP SDK's own."""
+    if config.log_format == "json":
+        from shared.log_format import use_json_logs
+
+        use_json_logs(log_level.upper())
 
 
 def with_pool(config: Settings, servers: list[str]) -> Settings:

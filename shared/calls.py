@@ -28,6 +28,7 @@ from shared.errors import (
     UnknownTool,
 )
 from shared.execution import CALLING, Draining, ExecutionContext
+from shared.log_context import log_context
 from shared.models import CallResult, ItemError, item_id
 from shared.settings import RetryPolicy
 from shared.store import Claim
@@ -140,6 +141,12 @@ def target_for(
 
 
 async def call_tool(ctx: ExecutionContext, target: CallTarget) -> CallOutcome:
+    """:func:`call_with_retries`, its log lines naming the call's server and step."""
+    with log_context(server=target.server, step=target.step):
+        return await call_with_retries(ctx, target)
+
+
+async def call_with_retries(ctx: ExecutionContext, target: CallTarget) -> CallOutcome:
     """Call with retries and turn whatever happens into a result or an error.
 
     ``target.policy`` bounds the attempts. While the server's breaker is open the call goes to

@@ -14,6 +14,7 @@ from shared.conversation import record_call
 from shared.errors import HandoffRefused, RedisUnavailable
 from shared.execution import CALLING, RELEASED, WAITING, ChunkHandedBack, Draining, ExecutionContext
 from shared.jobs import feed_next
+from shared.log_context import context_with, log_context
 from shared.models import Chunk, ChunkReport, ItemError, ResultRecord, StepRecord, StepSpec, item_id
 from shared.pipeline import final_output, item_scope, unmet_need
 from shared.pools import hand_off, hand_off_call, received
@@ -138,6 +139,13 @@ async def run_item(
                     return None, await hand_off(ctx, job_id, claim, pipeline_result)
                 record = pipeline_result
         landed = await ctx.committer.commit(job_id, Settlement(record=record, epoch=claim.epoch, steps=names))
+        log.debug(
+            "item %s %s after %d attempt(s)%s",
+            claim.index,
+            record.status,
+            record.attempts,
+            "" if landed else "; its commit was refused (the lease moved on)",
+        )
         return record, landed
     except Draining:
         if ctx.held.get(member) != RELEASED:
@@ -183,7 +191,8 @@ async def execute_chunk(ctx: ExecutionContext, chunk: Chunk) -> ChunkReport:
                     chunk.urgent,
                     needs.get(claim.index),
                     envelopes.get(claim.index),
-                )
+                ),
+                context=context_with(item=claim.index),  # its log lines name the item
             )
             ctx.item_tasks[member] = task
             tasks.append(task)
@@ -227,20 +236,21 @@ async def execute_chunk_through_outages(ctx: ExecutionContext, chunk: Chunk) -> 
     broker too: when it is down or refuses writes the republish fails, Celery rejects the failed
     task's message without requeueing it, and its items were covered by nothing. Running again is
     safe: claims skip items that are settled or leased."""
-    while True:
-        try:
-            return await execute_chunk(ctx, chunk)
-        except REDIS_ERRORS as exc:
-            if ctx.draining:
-                raise
-            log.warning(
-                "chunk %s of job %s: Redis unavailable (%s); holding it and trying again in %.0f s",
-                chunk.id,
-                chunk.job_id,
-                exc,
-                REDIS_RETRY_S,
-            )
-            await asyncio.sleep(REDIS_RETRY_S)
+    with log_context(job_id=chunk.job_id, chunk=chunk.id, server=chunk.server):
+        while True:
+            try:
+                return await execute_chunk(ctx, chunk)
+            except REDIS_ERRORS as exc:
+                if ctx.draining:
+                    raise
+                log.warning(
+                    "chunk %s of job %s: Redis unavailable (%s); holding it and trying again in %.0f s",
+                    chunk.id,
+                    chunk.job_id,
+                    exc,
+                    REDIS_RETRY_S,
+                )
+                await asyncio.sleep(REDIS_RETRY_S)
 
 
 async def drain(ctx: ExecutionContext, grace_s: float) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 
 from shared.batching import Coalescer
 from shared.keys import Keys
+from shared.log_context import detached_context
 from shared.lua import load_lua
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ class ServerSlots:
         handed: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self.waiters.append(handed)
         if self._poller is None or self._poller.done():
-            self._poller = asyncio.create_task(self._poll())
+            self._poller = asyncio.create_task(self._poll(), context=detached_context())
         try:
             return await handed
         except asyncio.CancelledError:
@@ -217,7 +218,9 @@ class FreedSlots:
 
     def generation(self, server: str) -> int:
         if self._listener is None:
-            self._listener = asyncio.create_task(self._listen(), name="toolswarm-slots-freed")
+            self._listener = asyncio.create_task(
+                self._listen(), name="toolswarm-slots-freed", context=detached_context()
+            )
         return self.generations[server]
 
     async def wait(self, server: str, seen: int, timeout: float) -> None:

@@ -33,6 +33,7 @@ from shared.errors import (
     ToolswarmError,
     UnknownTool,
 )
+from shared.log_context import detached_context
 from shared.models import CallResult
 from shared.settings import ServerConfig
 
@@ -158,7 +159,9 @@ class PooledSession:
         return self._owner is not None and not self._owner.done() and not self._stop.is_set()
 
     async def open(self) -> None:
-        self._owner = asyncio.create_task(self._own(), name=f"mcp-session:{self.name}")
+        self._owner = asyncio.create_task(
+            self._own(), name=f"mcp-session:{self.name}", context=detached_context()
+        )
         try:
             await asyncio.wait_for(self._ready.wait(), self.config.connect_timeout_s)
         except TimeoutError:

@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import BaseModel, Field, TypeAdapter
 
 from shared.keys import Keys
+from shared.log_context import detached_context
 from shared.mcp_client import build_client, describe
 from shared.settings import ServerConfig, Settings
 
@@ -142,7 +143,8 @@ class Breaker:
             return cached[1]
         reading = self._reading.get(server)
         if reading is None:  # one read per expiry, however many calls are waiting on it
-            reading = self._reading[server] = asyncio.create_task(self._read(server))
+            reading = asyncio.create_task(self._read(server), context=detached_context())
+            self._reading[server] = reading
             reading.add_done_callback(lambda _: self._reading.pop(server, None))
         return await asyncio.shield(reading)
 

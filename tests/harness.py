@@ -97,7 +97,7 @@ class Cluster:
         )
 
     def start_workers(
-        self, count: int, *, inside: Sequence[str] = (), **extra_env: str
+        self, count: int, *, inside: Sequence[str] = (), loglevel: str = "INFO", **extra_env: str
     ) -> list[subprocess.Popen[bytes]]:
         """``inside``: a command prefix the workers run under (``ip netns exec NS`` for a host)."""
         started = []
@@ -111,7 +111,7 @@ class Cluster:
                         "-m",
                         "cli",
                         "worker",
-                        "--loglevel=INFO",
+                        f"--loglevel={loglevel}",
                         f"--hostname=t{len(self.workers)}-{i}@%h",
                     ],
                     # Exit with the test (or benchmark) process, even when it is killed.
