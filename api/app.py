@@ -18,7 +18,7 @@ from api.wire import InvalidJob, JobIn, JobsPage, ResultsPage, Submitted, to_job
 from shared import events
 from shared.context import ContextStore, SessionContext, open_context_store
 from shared.embedded import redis_url
-from shared.errors import InvalidSessionId, JobNotFound, JobSpecError, RedisUnavailable
+from shared.errors import InvalidSessionId, JobNotFound, JobRunning, JobSpecError, RedisUnavailable
 from shared.fleet import ServerView, WorkerLife, live_workers, server_views
 from shared.jobs import Enqueuer, resolve_items, submit_job
 from shared.keys import Keys
@@ -128,6 +128,10 @@ def create_api(
     async def _not_found(_: Request, exc: JobNotFound) -> JSONResponse:
         return problem(404, exc.message)
 
+    @api.exception_handler(JobRunning)
+    async def _running(_: Request, exc: JobRunning) -> JSONResponse:
+        return problem(409, exc.message)
+
     @api.exception_handler(JobSpecError)
     async def _bad_job(_: Request, exc: JobSpecError) -> JSONResponse:
         return problem(422, exc.message)
@@ -199,6 +203,14 @@ def create_api(
         from shared.jobs import cancel_job
 
         return await cancel_job(store(), job_id, state["enqueuer"], run_reduce=reduce)
+
+    @api.delete("/v1/jobs/{job_id}", response_model=JobStatus, dependencies=[Auth])
+    async def delete(job_id: str, force: bool = False) -> JobStatus:
+        """Delete a job now (its keys, results and events); returns its status just before. 409
+        while it is pending or running, unless ``force=true``, which cancels it first."""
+        from shared.retention import delete_job
+
+        return await delete_job(store(), job_id, force=force)
 
     @api.get("/v1/jobs/{job_id}/events", dependencies=[Auth], response_class=StreamingResponse)
     async def job_events(

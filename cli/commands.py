@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 from rich.console import Console
 
 from cli import display
@@ -32,7 +32,7 @@ from shared.jobs import (
     submit_job,
 )
 from shared.keys import Keys
-from shared.models import JobSpec, JobStatus, ResultRecord
+from shared.models import JobSpec, JobState, JobStatus, ResultRecord
 from shared.settings import Settings, describe_validation_error
 from shared.store import JobStore, connect, ping
 
@@ -129,6 +129,35 @@ def cancel(settings: Settings, job_id: str, run_reduce: bool = True) -> JobStatu
         async with open_store(settings) as store:
             enqueuer = celery_enqueuer(settings, store)
             return await cancel_job(store, job_id, enqueuer, run_reduce=run_reduce)
+
+    return asyncio.run(go())
+
+
+def delete(settings: Settings, job_id: str, force: bool = False) -> JobStatus:
+    """Delete a job now; its status just before it went."""
+    from shared.retention import delete_job
+
+    async def go() -> JobStatus:
+        async with open_store(settings) as store:
+            return await delete_job(store, job_id, force=force)
+
+    return asyncio.run(go())
+
+
+def jobs(settings: Settings, state: str | None, limit: int) -> list[JobStatus]:
+    """Up to ``limit`` jobs newest first, of one state if asked (the pages GET /v1/jobs serves)."""
+    wanted = TypeAdapter(JobState | None).validate_python(state)
+
+    async def go() -> list[JobStatus]:
+        found: list[JobStatus] = []
+        cursor: str | None = None
+        async with open_store(settings) as store:
+            while len(found) < limit:
+                page, cursor = await store.jobs_page(cursor, limit - len(found), wanted)
+                found += page
+                if cursor is None:
+                    break
+        return found
 
     return asyncio.run(go())
 

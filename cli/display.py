@@ -59,6 +59,49 @@ def print_status(console: Console, job: JobStatus) -> None:
     print_failures(console, job)
 
 
+def progress_text(settled: int, total: int) -> str:
+    """``settled/total (P%)``, the percentage rounded down so that 100% means every item settled."""
+    percent = 100 * settled // total if total else 100
+    return f"{settled}/{total} ({percent}%)"
+
+
+def ago(at_ms: int, now_ms: int) -> str:
+    """How long before or after ``now_ms`` in its largest unit: ``5s ago``, ``in 7d``."""
+    seconds = abs(now_ms - at_ms) // 1000
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            amount = f"{seconds // size}{unit}"
+            break
+    else:
+        amount = f"{seconds}s"
+    return f"{amount} ago" if at_ms <= now_ms else f"in {amount}"
+
+
+def print_jobs(console: Console, jobs: list[JobStatus]) -> None:
+    """One row per job, newest first: state, progress, outcomes, its age and when it expires."""
+    if not jobs:
+        console.print("no jobs")
+        return
+    now_ms = int(time.time() * 1000)
+    table = Table()
+    for column in ("job", "state", "progress", "ok", "failed", "created", "expires"):
+        table.add_column(column, no_wrap=column == "job")
+    for job in jobs:
+        expires = "never" if job.done else "-"
+        if job.expires_at_ms is not None:
+            expires = ago(job.expires_at_ms, now_ms)
+        table.add_row(
+            job.job_id,
+            job.state,
+            progress_text(job.settled, job.total),
+            str(job.succeeded),
+            str(job.failed),
+            ago(job.created_at_ms, now_ms),
+            expires,
+        )
+    console.print(table)
+
+
 def print_steps(console: Console, outcomes: Mapping[str, Mapping[str, int]]) -> None:
     """Per step of a pipeline job: how many items it succeeded, degraded, failed or did not run for."""
     table = Table(title="steps")

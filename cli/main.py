@@ -272,6 +272,49 @@ def cancel(
             display.print_status(console, job)
 
 
+JOB_STATES = ("pending", "running", "finished", "cancelled")
+
+
+@app.command()
+def jobs(
+    state: Annotated[
+        str | None, typer.Option("--state", help="Only jobs in this state: " + ", ".join(JOB_STATES) + ".")
+    ] = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="At most this many jobs.")] = 20,
+    as_json: JsonFlag = False,
+) -> None:
+    """List jobs, newest first, with their progress."""
+    from cli import commands
+
+    with _errors_as_one_line():
+        if state is not None and state not in JOB_STATES:
+            raise Failure(f"--state must be one of {', '.join(JOB_STATES)}, not {state!r}")
+        found = commands.jobs(settings(), state, limit)
+        if as_json:
+            print(json.dumps([job.model_dump(mode="json") for job in found]))
+        else:
+            display.print_jobs(console, found)
+
+
+@app.command()
+def delete(
+    job_id: str,
+    force: Annotated[
+        bool, typer.Option("--force", help="Delete a pending or running job too (it is cancelled first).")
+    ] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Delete a finished or cancelled job now: its results, events and every other key."""
+    from cli import commands
+
+    with _errors_as_one_line():
+        job = commands.delete(settings(), job_id, force)
+        if as_json:
+            print(json.dumps({"deleted": job.job_id, "state": job.state}))
+        else:
+            console.print(f"deleted job {job.job_id} ({job.state}, {job.settled}/{job.total} settled)")
+
+
 @app.command()
 def events(
     job: Annotated[str | None, typer.Option("--job", "-j", help="Only this job's events.")] = None,

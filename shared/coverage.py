@@ -156,7 +156,8 @@ async def restore(
     await store.push_backlog(job_id, chunks[window:])
     await send_chunks(store, enqueuer, chunks[:window])
     count = sum(len(c.items) for c in chunks)
-    await store.client.hincrby(store.keys.job(job_id).meta, "restored_items", count)
+    meta = store.keys.job(job_id).meta
+    await store.write_live(meta, meta, "HINCRBY", "restored_items", count)
     return count
 
 
@@ -186,7 +187,8 @@ async def sweep(store: JobStore, enqueuer: Enqueuer, settings: Settings) -> int:
             await store.client.hdel(jk.uncovered, *seen_covered)
         first_seen = {name: now for name in uncovered if name not in coverage.uncovered_since}
         if first_seen:
-            await store.client.hset(jk.uncovered, mapping=first_seen)
+            fields = [part for pair in first_seen.items() for part in pair]
+            await store.write_live(jk.meta, jk.uncovered, "HSET", *fields)
         for name, items in uncovered.items():
             since = coverage.uncovered_since.get(name)
             if since is None or now - since < stranded_ms:

@@ -33,6 +33,12 @@ class JobNotFound(ToolswarmError):
     error_type = "job_not_found"
 
 
+class JobRunning(ToolswarmError):
+    """An operation that needs an ended job (delete) was asked of one still pending or running."""
+
+    error_type = "job_running"
+
+
 class InvalidSessionId(ToolswarmError):
     """A session id that is not a UUID: refused before it can name a key or a file."""
 

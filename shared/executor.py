@@ -11,7 +11,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.calls import AnswerElsewhere, call_tool, target_for
 from shared.conversation import record_call
-from shared.errors import HandoffRefused, RedisUnavailable
+from shared.errors import HandoffRefused, JobNotFound, RedisUnavailable
 from shared.execution import CALLING, RELEASED, WAITING, ChunkHandedBack, Draining, ExecutionContext
 from shared.jobs import feed_next
 from shared.log_context import context_with, log_context
@@ -165,9 +165,23 @@ async def execute_chunk(ctx: ExecutionContext, chunk: Chunk) -> ChunkReport:
     async with ctx.isolation.alone() if chunk.isolated else ctx.isolation.shared():
         if ctx.draining:
             raise ChunkHandedBack(chunk.id)
-        claims = await ctx.store.claim(
-            chunk.job_id, chunk.items, ctx.worker_id, ctx.settings.worker.lease_s, chunk.isolated
-        )
+        try:
+            claims = await ctx.store.claim(
+                chunk.job_id, chunk.items, ctx.worker_id, ctx.settings.worker.lease_s, chunk.isolated
+            )
+        except JobNotFound:
+            # Deleted (or expired) while this message waited: nothing of it is left to run or feed.
+            log.info("chunk %s: job %s no longer exists; dropped", chunk.id, chunk.job_id)
+            return ChunkReport(
+                job_id=chunk.job_id,
+                server=chunk.server,
+                claimed=0,
+                skipped=len(chunk.items),
+                committed=0,
+                refused=0,
+                succeeded=0,
+                failed=0,
+            )
         plan = await ctx.job_plan(chunk.job_id) if claims else JobPlan()
         checkpointed = await resumed_steps(ctx, chunk.job_id, claims, plan)
         envelopes = (

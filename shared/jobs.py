@@ -380,7 +380,17 @@ async def submit_job(spec: JobSpec, settings: Settings, store: JobStore, enqueue
             raise JobSpecError(_summarise(problems))
         chunk_size = spec.chunk_size or settings.worker.chunk_size
         await store.create_job(
-            job_id, items, servers, state_mode, spec.retry, pipeline, reduce, needs, chunk_size
+            job_id,
+            items,
+            servers,
+            state_mode,
+            spec.retry,
+            pipeline,
+            reduce,
+            needs,
+            chunk_size,
+            ttl_s=settings.state.job_ttl_s,
+            idempotency_key=spec.idempotency_key,
         )
         chunks = plan_chunks(job_id, items, chunk_size)
         window = await job_window(store, settings)
@@ -483,8 +493,9 @@ async def retry_job(
         state_mode=old.state_mode,
     )
     submitted = await submit_job(spec, settings, store, enqueuer)
-    await store.client.hset(store.keys.job(submitted.job_id).meta, "retry_of", job_id)
-    await store.client.hset(store.keys.job(job_id).meta, "retried_by", submitted.job_id)
+    new_meta, old_meta = store.keys.job(submitted.job_id).meta, store.keys.job(job_id).meta
+    await store.client.hset(new_meta, "retry_of", job_id)
+    await store.write_live(old_meta, old_meta, "HSET", "retried_by", submitted.job_id)
     return submitted
 
 

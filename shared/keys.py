@@ -86,6 +86,12 @@ class Keys:
         return f"{self.prefix}jobs"
 
     @property
+    def expiring(self) -> str:
+        """Sorted set of ended jobs by the time (ms) their keys expire: a sorted set member cannot
+        expire, so the reaper drops these from ``jobs`` (and the other global sets) when due."""
+        return f"{self.prefix}expiring"
+
+    @property
     def active(self) -> str:
         """Set of jobs not yet finished or cancelled: the ones the coverage sweep looks at."""
         return f"{self.prefix}active"

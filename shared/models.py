@@ -285,6 +285,7 @@ class JobStatus(BaseModel):
     pending: int
     created_at_ms: int
     finished_at_ms: int | None = None
+    expires_at_ms: int | None = None  # when an ended job's keys expire (None: kept, or not ended)
     servers: list[str] = Field(default_factory=list)
     state_mode: StateMode = "cas"
     # Items the coverage sweep found covered by nothing (no queued chunk, backlog or lease) and ran again.

@@ -10,7 +10,8 @@ call started; or three times that many in all) may only have been near the guilt
 once more *isolated*: alone in a worker process (see ``IsolationGate``). Only when that run's lease
 is lost too, after its call started, is it settled as ``poison``.
 
-The same pass runs the coverage sweep (coverage.py) every quarter of ``stranded_after_s``.
+The same pass runs the coverage sweep (coverage.py) every quarter of ``stranded_after_s``, and
+drops expired jobs from the global sets (retention.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from shared.coverage import sweep
 from shared.jobs import Enqueuer, cut_chunks, feed_next, send_chunks, send_ready
 from shared.models import Chunk, ItemError, ResultRecord, item_id
+from shared.retention import drop_expired
 from shared.settings import Settings
 from shared.store import ISOLATED_CALL_LOST, ISOLATED_LOST_EARLY, JobStore, LostLease, Settlement, now_ms
 
@@ -121,6 +123,7 @@ async def reap_once(store: JobStore, enqueuer: Enqueuer, settings: Settings, wor
         await store.requeued()  # only now: a reaper that dies before this point is redone next pass
         for job_id in await store.stalled_backlogs(idle_ms=STALLED_BACKLOG_MS):
             await feed_next(store, enqueuer, job_id)
+        await drop_expired(store, settings.state.job_ttl_s)
         # A worker killed between taking a chunk message and claiming its items leaves no lease to
         # expire: without this the message waits for the broker's visibility timeout.
         live = await store.live_deliveries()

@@ -7,7 +7,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -180,6 +180,7 @@ class JobStore:
         self._feed = client.register_script(load_lua("feed"))
         self._checkpoint = client.register_script(load_lua("checkpoint"))
         self._hand_off = client.register_script(load_lua("handoff"))
+        self._job_write = client.register_script(load_lua("job_write"))
 
     # --- submit side -------------------------------------------------------------------------
 
@@ -202,9 +203,13 @@ class JobStore:
         reduce: ReduceSpec | None = None,
         needs: Needs | None = None,
         chunk_size: int = 50,
+        *,
+        ttl_s: int = 0,
+        idempotency_key: str | None = None,
     ) -> None:
         """Write the job record and its items in pipelined batches, then make it visible. A reduce
-        is kept as one more unit after the items (index = total), claimed once they have settled."""
+        is kept as one more unit after the items (index = total), claimed once they have settled.
+        ``ttl_s``: how long the job's keys (and its idempotency key) outlive its end (0: forever)."""
         jk = self.keys.job(job_id)
         if reduce is not None:
             # Its arguments stay in the job's plan: they refer to the summary, not to an item's scope.
@@ -240,6 +245,10 @@ class JobStore:
                     "state_mode": state_mode,
                     "version": 0,
                     "chunk_size": chunk_size,
+                    "ttl_s": ttl_s,
+                    **(
+                        {"idempotency_key": self.keys.idempotency(idempotency_key)} if idempotency_key else {}
+                    ),
                     **({"retry": retry.model_dump_json()} if retry else {}),
                     **({"pipeline": pipeline.model_dump_json(exclude_defaults=True)} if pipeline else {}),
                     **(
@@ -345,6 +354,9 @@ class JobStore:
             jk.items,
             jk.waiting,
             jk.dependents,
+            self.keys.backlogged,
+            self.keys.expiring,
+            *jk.all(),
         ]
 
     async def checkpoint(self, job_id: str, entries: Sequence[Checkpoint]) -> list[bool]:
@@ -422,7 +434,8 @@ class JobStore:
             return
         async with self.client.pipeline(transaction=False) as pipe:
             for job_id, index, epoch in entries:
-                pipe.hset(self.keys.job(job_id).calling, str(index), epoch)
+                jk = self.keys.job(job_id)
+                await self.write_live(jk.meta, jk.calling, "HSET", str(index), epoch, client=pipe)
             await pipe.execute()
 
     async def release(self, members: Sequence[str]) -> None:
@@ -471,6 +484,19 @@ class JobStore:
     async def requeued(self) -> None:
         """Drop the lease entries of items taken back (score 1) once they are requeued."""
         await self.client.zremrangebyscore(self.keys.leases, 1, 1)
+
+    async def write_live(
+        self,
+        meta: str,
+        key: str,
+        command: Literal["HSET", "HINCRBY", "RPUSH"],
+        *args: Any,
+        client: Any = None,
+    ) -> bool:
+        """Write to a key of the job whose record is ``meta`` only while the job exists, the key
+        expiring with an ended job (see job_write.lua); False when the job is gone. ``client``: a
+        pipeline to queue the write on (the reply then comes with the pipeline's)."""
+        return bool(await self._job_write(keys=[meta, key], args=[command, *args], client=client))
 
     async def try_lock(self, key: str, token: str, ttl_s: float) -> bool:
         return bool(await self.client.set(key, token, nx=True, px=int(ttl_s * 1000)))
@@ -531,6 +557,7 @@ class JobStore:
             pending=total - settled - running,
             created_at_ms=int(meta["created_at_ms"]),
             finished_at_ms=finished_at,
+            expires_at_ms=int(meta["expires_at_ms"]) if "expires_at_ms" in meta else None,
             servers=[s for s in meta.get("servers", "").split(",") if s],
             state_mode=mode,
             restored_items=int(meta.get("restored_items", 0)),
@@ -616,11 +643,10 @@ class JobStore:
         if not chunks:
             return
         await self.client.sadd(self.keys.backlogged, job_id)
-        backlog = self.keys.job(job_id).backlog
+        jk = self.keys.job(job_id)
         for start in range(0, len(chunks), WRITE_BATCH):
-            await self.client.rpush(
-                backlog, *(c.model_dump_json() for c in chunks[start : start + WRITE_BATCH])
-            )
+            batch = [c.model_dump_json() for c in chunks[start : start + WRITE_BATCH]]
+            await self.write_live(jk.meta, jk.backlog, "RPUSH", *batch)
 
     async def record_chunks(self, chunks: Sequence[Chunk]) -> None:
         """Note chunks as outstanding before they reach the broker (what the coverage sweep checks)."""
@@ -629,7 +655,9 @@ class JobStore:
             by_job.setdefault(chunk.job_id, {})[chunk.id] = chunk.model_dump_json(exclude_defaults=True)
         async with self.client.pipeline(transaction=False) as pipe:
             for job_id, records in by_job.items():
-                pipe.hset(self.keys.job(job_id).chunks, mapping=records)
+                jk = self.keys.job(job_id)
+                fields = [part for pair in records.items() for part in pair]
+                await self.write_live(jk.meta, jk.chunks, "HSET", *fields, client=pipe)
             await pipe.execute()
 
     async def backlog_head(self, job_id: str, finished_chunk: str | None = None) -> str | None:
@@ -748,25 +776,32 @@ class JobStore:
         page: list[JobStatus] = []
         scanned = 0
         next_cursor: str | None = None
+        gone: list[str] = []  # expired or deleted: a sorted set member cannot expire with its job
         while len(page) < limit and scanned < JOBS_SCAN:
             window = await self.client.zrevrange(
                 self.keys.jobs, start + scanned, start + scanned + limit - 1, withscores=True
             )
             if not window:
-                return page, None
+                next_cursor = None
+                break
             for job_id, created_ms in window:
                 scanned += 1
                 next_cursor = f"{int(created_ms)}:{job_id}"
                 try:
                     status = await self.status(job_id)
                 except JobNotFound:
+                    gone.append(job_id)
                     continue
                 if state is None or status.state == state:
                     page.append(status)
                     if len(page) == limit:
                         break
-        more = await self.client.zcard(self.keys.jobs) > start + scanned
-        return page, next_cursor if more else None
+        else:
+            if await self.client.zcard(self.keys.jobs) <= start + scanned:
+                next_cursor = None
+        if gone:
+            await self.client.zrem(self.keys.jobs, *gone)
+        return page, next_cursor
 
     async def discard_job(self, job_id: str, idempotency_key: str | None = None) -> None:
         """Remove every trace of a job (used when its submit fails half-way)."""

@@ -11,7 +11,13 @@
 -- caller enqueues it), and the job finishes only when the reduce itself settles. The reduce
 -- moves no item counters; its event is reduce.settled.
 -- KEYS: meta, results, epochs, running, job_events, global_events, notify_channel, leases, active_jobs,
---       failures, steps, chunks, items, waiting, dependents
+--       failures, steps, chunks, items, waiting, dependents, backlogged_jobs, expiring_jobs, then
+--       every key of the job (JobKeys.all)
+-- Retention: the commit that ends the job also sets the expiry (meta 'ttl_s' seconds from now, 0
+-- keeps it) of every key of the job and of its idempotency key (meta 'idempotency_key', the one
+-- key named by a field), and lists the job in expiring_jobs for the reaper to drop from the jobs
+-- index. A job that no longer exists (expired, or deleted while a worker held its items) refuses
+-- every commit and writes nothing, so a late result cannot bring back a part of it.
 -- Items with needs: settling an item counts down its dependents' waiting needs; a dependent whose
 -- last need settled (however it ended) is recorded as an outstanding chunk and returned in ready
 -- (the caller enqueues it; the worker that claims it fails it if a need did not succeed).
@@ -25,6 +31,11 @@
 local meta, results, epochs, running = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local job_events, global_events, notify, leases = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local job_id, maxlen, force = ARGV[1], ARGV[2], ARGV[3] == '1'
+
+if redis.call('EXISTS', meta) == 0 then
+  local items = (#ARGV - 3) / 7
+  return {0, items, 0, string.rep('0', items), 0, '', {}}
+end
 local log_mode = redis.call('HGET', meta, 'state_mode') == 'log'
 
 -- The log is the state in log mode and is trimmed by snapshots; in cas mode it is a bounded feed.
@@ -73,6 +84,29 @@ local function release_dependents(index)
       waiting[#waiting + 1] = tonumber(dependent)
     end
   end
+end
+
+-- The ended job expires whole: every key of it (those of KEYS[18] on under its hash tag), its
+-- idempotency key, its index entries.
+local function retire()
+  redis.call('SREM', KEYS[16], job_id)
+  local ttl_s = tonumber(redis.call('HGET', meta, 'ttl_s') or '0') or 0
+  if ttl_s <= 0 then
+    return
+  end
+  local expires_at = now_ms + ttl_s * 1000
+  redis.call('HSET', meta, 'expires_at_ms', expires_at)
+  local tag = '{' .. job_id .. '}'
+  for k = 18, #KEYS do
+    if string.find(KEYS[k], tag, 1, true) then
+      redis.call('PEXPIREAT', KEYS[k], expires_at)
+    end
+  end
+  local idempotency_key = redis.call('HGET', meta, 'idempotency_key')
+  if idempotency_key and redis.call('GET', idempotency_key) == job_id then
+    redis.call('PEXPIREAT', idempotency_key, expires_at)
+  end
+  redis.call('ZADD', KEYS[17], expires_at, job_id)
 end
 
 -- The ready items as chunks of the job's chunk size, recorded as outstanding.
@@ -181,6 +215,7 @@ if committed > 0 then
       unsnapshotted = redis.call('HINCRBY', meta, 'unsnapshotted', 1)
     end
     append(fields)
+    retire()
     finished = 1
   end
   redis.call('PUBLISH', notify, committed)
