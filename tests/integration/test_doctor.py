@@ -44,7 +44,8 @@ def test_doctor_on_a_running_job(
     stop_workers.append(cluster)
     cluster.start_workers(1)
     total = 60
-    job_id = submit(cluster, sleeps(total, 4000))  # 16 calls at a time, 20 items claimed: stable for 4 s
+    # 16 calls at a time, 20 items claimed: stable for 10 s, however slow the machine makes doctor.
+    job_id = submit(cluster, sleeps(total, 10_000))
     before = wait_until(lambda: running_by_worker(cluster, job_id), 30, "items claimed")
     diagnosis = doctor(cluster, job_id)
     after = running_by_worker(cluster, job_id)
