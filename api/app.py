@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
-from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
+from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.metrics import read_cluster, render
 from api.wire import InvalidJob, JobIn, JobsPage, ResultsPage, Submitted, to_job_spec
 from shared import events
 from shared.context import ContextStore, SessionContext, open_context_store
@@ -274,6 +276,12 @@ def create_api(
     async def clear_context(session: str) -> dict[str, bool]:
         """Empty a session's context; ``cleared`` is false when it had none."""
         return {"cleared": await contexts().clear(session)}
+
+    @api.get("/metrics", dependencies=[Auth], response_class=Response)
+    async def metrics() -> Response:
+        """Prometheus metrics of the whole cluster, read from Redis now (the same bearer token as /v1)."""
+        reading = await read_cluster(store(), settings)
+        return Response(render(reading), media_type=CONTENT_TYPE_LATEST)
 
     @api.get("/healthz")
     async def healthz() -> dict[str, bool]:

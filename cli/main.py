@@ -409,6 +409,13 @@ def worker(
         str | None,
         typer.Option(help="A worker pool: serve only these servers (comma-separated); default all."),
     ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(min=1, max=65535, help="Serve Prometheus /metrics on this port (default: off)."),
+    ] = None,
+    metrics_address: Annotated[
+        str | None, typer.Option(help="Address for /metrics (default: worker.metrics_address, 127.0.0.1).")
+    ] = None,
     log_format: LogFormatOption = None,
 ) -> None:
     """Run one worker process (a Celery worker of the toolswarm app)."""
@@ -419,7 +426,12 @@ def worker(
         config = with_log_format(settings(), log_format)
         if servers is not None:
             config = with_pool(config, [name.strip() for name in servers.split(",") if name.strip()])
+        config = with_metrics(config, metrics_port, metrics_address)
         celery_app = create_app(config)
+        if config.worker.metrics_port is not None:
+            from workers.metrics import serve_worker_metrics
+
+            serve_worker_metrics(celery_app, config.worker.metrics_address, config.worker.metrics_port)
         prepare_worker_output(celery_app, config)
         quiet = quiet or config.log_format == "json"  # the banner is not JSON
         celery_app.worker_main(argv=worker_argv(config, hostname=hostname, loglevel=loglevel, quiet=quiet))
@@ -544,6 +556,16 @@ def with_pool(config: Settings, servers: list[str]) -> Settings:
         known = ", ".join(sorted(config.servers)) or "none configured"
         raise Failure(f"--servers: unknown servers {unknown or servers} (known: {known})")
     return config.model_copy(update={"worker": config.worker.model_copy(update={"servers": servers})})
+
+
+def with_metrics(config: Settings, port: int | None, address: str | None) -> Settings:
+    """The settings with the worker's /metrics port and address as given on the command line."""
+    update = {
+        key: value
+        for key, value in (("metrics_port", port), ("metrics_address", address))
+        if value is not None
+    }
+    return config.model_copy(update={"worker": config.worker.model_copy(update=update)}) if update else config
 
 
 def main(argv: list[str] | None = None) -> Any:

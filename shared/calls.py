@@ -29,6 +29,7 @@ from shared.errors import (
 )
 from shared.execution import CALLING, Draining, ExecutionContext
 from shared.log_context import log_context
+from shared.metrics import SUCCEEDED
 from shared.models import CallResult, ItemError, item_id
 from shared.settings import RetryPolicy
 from shared.store import Claim
@@ -213,10 +214,12 @@ async def call_with_retries(ctx: ExecutionContext, target: CallTarget) -> CallOu
             )
     except ToolswarmError as exc:
         error = error_of(exc, spent, policy, target.step)
+    took_s = time.perf_counter() - started
+    ctx.metrics.call(answering, target.tool, SUCCEEDED if error is None else error.type, took_s, attempts)
     return CallOutcome(
         result=result,
         error=error,
         attempts=attempts,
-        duration_ms=round((time.perf_counter() - started) * 1000, 3),
+        duration_ms=round(took_s * 1000, 3),
         answered_by=None if answering == server else answering,
     )

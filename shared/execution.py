@@ -17,6 +17,7 @@ from shared.handoff import HandoffStore
 from shared.jobs import Enqueuer
 from shared.limiter import ClusterLimiter, LocalSlots
 from shared.mcp_client import ToolCaller
+from shared.metrics import Tally
 from shared.models import ResultRecord
 from shared.probes import Breaker
 from shared.settings import Settings
@@ -110,6 +111,7 @@ class ExecutionContext:
     handoffs: HandoffStore | None = None  # envelopes of items handed between pools (see pools.py)
     handoff_sender: HandoffSender | None = None  # made on the first handoff
     context: ContextStore | None = None  # sessions' contexts (items with a session record calls there)
+    metrics: Tally = field(default_factory=Tally)  # this process's counters (flushed by the heartbeat)
 
     def limit(self, server: str) -> LocalSlots:
         slots = self.limits.get(server)

@@ -139,6 +139,8 @@ async def run_item(
                     return None, await hand_off(ctx, job_id, claim, pipeline_result)
                 record = pipeline_result
         landed = await ctx.committer.commit(job_id, Settlement(record=record, epoch=claim.epoch, steps=names))
+        if not (landed and plan.reduce is not None and claim.index == plan.total):  # a reduce is no item
+            ctx.metrics.commit(record.status if landed else None)
         log.debug(
             "item %s %s after %d attempt(s)%s",
             claim.index,
@@ -217,7 +219,7 @@ async def execute_chunk(ctx: ExecutionContext, chunk: Chunk) -> ChunkReport:
     finished = [o for o in outcomes if isinstance(o, tuple)]
     committed = [record for record, landed in finished if landed and record is not None]
     handed_off = sum(1 for record, landed in finished if landed and record is None)
-    return ChunkReport(
+    report = ChunkReport(
         job_id=chunk.job_id,
         server=chunk.server,
         claimed=len(claims),
@@ -229,6 +231,8 @@ async def execute_chunk(ctx: ExecutionContext, chunk: Chunk) -> ChunkReport:
         succeeded=sum(1 for r in committed if r.status == "succeeded"),
         failed=sum(1 for r in committed if r.status == "failed"),
     )
+    ctx.metrics.chunk(chunk.server, report.refused)
+    return report
 
 
 async def resumed_steps(

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from shared.dag import plan_needs
 from shared.errors import JobNotFound, JobSpecError
+from shared.metrics import count_settled
 from shared.models import (
     Chunk,
     ItemSpec,
@@ -541,7 +542,9 @@ async def cancel_job(
         settlements = [
             Settlement(record=cancelled(job_id, index, spec), epoch=0) for index, spec in specs.items()
         ]
-        ready = (await store.commit(job_id, settlements, force=True)).reduce_chunk or ready
+        outcome = await store.commit(job_id, settlements, force=True)
+        await count_settled(store.client, store.keys, "cancelled", outcome.committed, outcome.refused)
+        ready = outcome.reduce_chunk or ready
     if status.reduce is not None and not run_reduce:
         await _cancel_reduce(store, job_id, status.total)
     elif ready is not None:

@@ -102,6 +102,12 @@ class Keys:
         return f"{self.prefix}events"
 
     @property
+    def metrics(self) -> str:
+        """Hash: the cluster's counters (see shared/metrics.py), added to by workers' heartbeats and
+        by commit.lua; outside any job's hash tag, like ``leases``."""
+        return f"{self.prefix}metrics"
+
+    @property
     def leases(self) -> str:
         """Sorted set of leased items ("job_id:index") by lease expiry (ms); the reaper scans it.
 

@@ -44,9 +44,15 @@ class LocalSlots:
     queue behind all of them."""
 
     def __init__(self, size: int) -> None:
+        self.size = size
         self.free = size
         self.urgent: deque[asyncio.Future[None]] = deque()
         self.normal: deque[asyncio.Future[None]] = deque()
+
+    @property
+    def in_use(self) -> int:
+        """Calls holding one of these places now."""
+        return self.size - self.free
 
     async def acquire(self, urgent: bool = False) -> None:
         if self.free > 0 and not self.urgent and not self.normal:

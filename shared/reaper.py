@@ -42,6 +42,7 @@ class ReapReport:
     restored: int = 0  # chunk messages a dead worker took and never claimed, put back on the queue
     isolated: int = 0  # suspect items sent to run alone
     swept: int = 0  # items the coverage sweep found covered by nothing and enqueued again
+    taken_back: int = 0  # items whose expired lease was fenced and freed (requeued, isolated or poisoned)
 
 
 def poison_record(
@@ -82,12 +83,13 @@ async def reap_once(store: JobStore, enqueuer: Enqueuer, settings: Settings, wor
     lock = store.keys.reaper_lock
     if not await store.try_lock(lock, token, ttl_s=max(5.0, settings.worker.reaper_interval_s * 5)):
         return ReapReport(locked=False)
-    requeued = poisoned = isolated = swept = 0
+    requeued = poisoned = isolated = swept = taken_back = 0
     try:
         for job_id, indexes in (await store.expired_leases()).items():
             taken = await store.take_back(job_id, indexes)
             if not taken:
                 continue
+            taken_back += len(taken)
             specs = await store.item_specs(job_id, [lost.index for lost in taken])
             poison: list[Settlement] = []
             again: dict[str, list[int]] = defaultdict(list)
@@ -134,5 +136,11 @@ async def reap_once(store: JobStore, enqueuer: Enqueuer, settings: Settings, wor
     finally:
         await store.unlock(lock, token)
     return ReapReport(
-        locked=True, requeued=requeued, poisoned=poisoned, restored=restored, isolated=isolated, swept=swept
+        locked=True,
+        requeued=requeued,
+        poisoned=poisoned,
+        restored=restored,
+        isolated=isolated,
+        swept=swept,
+        taken_back=taken_back,
     )

@@ -118,6 +118,9 @@ class WorkerSettings(_Strict):
     servers: list[str] | None = None
     # A handoff between pools not picked up within this long fails its item (handoff_expired).
     handoff_ttl_s: int = Field(default=3600, ge=1)
+    # Prometheus: each worker process serves /metrics here (None: not served). One port per process.
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    metrics_address: str = "127.0.0.1"
 
     @model_validator(mode="after")
     def _heartbeat_within_lease(self) -> WorkerSettings:

@@ -158,6 +158,10 @@ class WorkerRuntime:
                 )
             except Exception as exc:  # a heartbeat loop must outlive a Redis blip
                 log.warning("heartbeat failed: %s", exc)
+            try:
+                await ctx.metrics.flush(ctx.store.client, ctx.store.keys)
+            except Exception as exc:  # counters not flushed now go with the next beat
+                log.warning("flushing metrics failed: %s", exc)
             await asyncio.sleep(worker.heartbeat_s)
 
     async def _reap(self) -> None:
@@ -168,6 +172,8 @@ class WorkerRuntime:
                 continue
             try:
                 report = await reap_once(ctx.store, self.enqueuer, self.settings, self.worker_id)
+                ctx.metrics.taken_back(report.taken_back)
+                ctx.metrics.settled("failed", report.poisoned)
                 if report.requeued or report.poisoned or report.restored or report.swept:
                     log.warning(
                         "reaper: %d items taken back and requeued (%d to run alone), %d poisoned, "
@@ -216,6 +222,7 @@ class WorkerRuntime:
             store = self._context.store
             try:
                 # Briefly: if Redis is already gone (Ctrl-C reaches it too), the key expires anyway.
+                await asyncio.wait_for(self._context.metrics.flush(store.client, store.keys), 1.0)
                 await asyncio.wait_for(store.client.delete(store.keys.worker(self.worker_id)), 1.0)
             except Exception as exc:  # shutting down: Redis may already be gone
                 log.debug("could not remove heartbeat: %s", exc)
