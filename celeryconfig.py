@@ -4,23 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
+from shared.brokers import AMQP_MAX_PRIORITY, AMQP_PRIORITY, Lane, broker_kind
 from shared.embedded import broker_url
 from shared.settings import Settings
 
 
 def from_settings(settings: Settings) -> dict[str, Any]:
+    url = broker_url(settings)
+    broker = redis_broker(settings) if broker_kind(url) == "redis" else amqp_broker()
     return {
-        "broker_url": broker_url(settings),
+        "broker_url": url,
         "broker_connection_retry_on_startup": True,
-        "broker_transport_options": {
-            # A backstop only: leases take over a dead worker's items in seconds. A message redelivered
-            # after this finds its items settled or leased to a live worker and skips them.
-            "visibility_timeout": settings.worker.visibility_timeout_s,
-            # Look for such messages every 5 s (kombu's default scans about every 100 s).
-            "unacked_restore_interval": 5,
-            "unacked_restore_throttle": 1,
-            "global_keyprefix": f"{settings.namespace}:celery:",
-        },
+        **broker,
         # JSON only: a pickle from the broker is code execution.
         "task_serializer": "json",
         "result_serializer": "json",
@@ -38,4 +33,28 @@ def from_settings(settings: Settings) -> dict[str, Any]:
         "task_default_queue": f"{settings.namespace}.default",
         "task_create_missing_queues": True,
         "worker_hijack_root_logger": False,
+    }
+
+
+def redis_broker(settings: Settings) -> dict[str, Any]:
+    return {
+        "broker_transport_options": {
+            # A backstop only: leases take over a dead worker's items in seconds. A message redelivered
+            # after this finds its items settled or leased to a live worker and skips them.
+            "visibility_timeout": settings.worker.visibility_timeout_s,
+            # Look for such messages every 5 s (kombu's default scans about every 100 s).
+            "unacked_restore_interval": 5,
+            "unacked_restore_throttle": 1,
+            "global_keyprefix": f"{settings.namespace}:celery:",
+        },
+    }
+
+
+def amqp_broker() -> dict[str, Any]:
+    return {
+        # A send returns once RabbitMQ has the message: a chunk recorded as sent is one it holds.
+        "broker_transport_options": {"confirm_publish": True},
+        # Every queue Celery declares (each server's, by name) takes priorities: higher runs first.
+        "task_queue_max_priority": AMQP_MAX_PRIORITY,
+        "task_default_priority": AMQP_PRIORITY[Lane.NEW],
     }

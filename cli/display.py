@@ -160,7 +160,7 @@ def print_servers(console: Console, settings: Settings, fleet: Fleet) -> None:
             endpoint,
             str(server.max_concurrency),
             str(view.in_flight),
-            str(view.queued_chunks),
+            "unknown" if view.queued_chunks is None else str(view.queued_chunks),
             probe_text(view.probe),
         )
     console.print(table)

@@ -14,6 +14,15 @@ compares those records with the chunk ids the broker holds; a record the broker 
 again as an urgent chunk. A job that has unsettled items and no record, backlog or running item at
 all (records lost with Redis data, say) is checked item by item, the only time the sweep reads
 every item.
+
+That comparison needs a broker that lists the ids it holds: kombu's Redis transport does (queue
+lists and an unacknowledged hash). RabbitMQ shows only how many messages wait in a queue, and
+needs less: it hands a delivered, unacknowledged message back to its queue the moment its
+consumer's connection is lost (a worker killed mid-chunk), publishes are confirmed before a send
+returns, and queues and messages are durable. What is left to catch there is a record whose
+message never was or no longer is (a failed send, a purged queue): on AMQP a job with outstanding
+chunks and no item running, whose servers' queues hold nothing waiting, has its chunks counted
+uncovered, on the same ``stranded_after_s`` clock, and the whole-job check stands as on Redis.
 """
 
 from __future__ import annotations
@@ -21,9 +30,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from shared.broker_queues import queue_depths
 from shared.jobs import BrokerView, Enqueuer, cancel_job, cut_chunks, job_window, send_chunks
 from shared.models import Chunk
 from shared.settings import Settings
@@ -58,6 +68,20 @@ class JobCoverage:
         if in_broker is None:
             return []
         return [chunk for chunk_id, chunk in self.records.items() if not in_broker.holds(chunk_id)]
+
+    @property
+    def idle(self) -> bool:
+        """Chunks outstanding and none of its items running: on a broker that shows only queue
+        depths, the one state in which a lost chunk can be told apart (every chunk claims all its
+        items when it starts, so a chunk being run leaves the job not idle)."""
+        return bool(self.records) and self.running == 0
+
+    def stranded_by_depth(self, waiting: Mapping[str, int] | None) -> list[Chunk]:
+        """On a broker that shows only how many messages wait (AMQP): an idle job's outstanding
+        chunks whose server's queue holds none (none, when the depths cannot be read)."""
+        if waiting is None or not self.idle:
+            return []
+        return [chunk for chunk in self.records.values() if waiting.get(chunk.server, 1) == 0]
 
     @property
     def nothing_outstanding(self) -> bool:
@@ -166,6 +190,7 @@ async def sweep(store: JobStore, enqueuer: Enqueuer, settings: Settings) -> int:
     Runs under the reaper's lock, so one process at a time."""
     stranded_ms = int(settings.worker.stranded_after_s * 1000)
     in_broker = await broker_view(enqueuer, settings.servers)
+    waiting: Mapping[str, int] | None = None  # queue depths, read once and only when a job needs them
     restored = 0
     for job_id in await active_jobs(store):
         coverage = await read_coverage(store, job_id)
@@ -179,6 +204,10 @@ async def sweep(store: JobStore, enqueuer: Enqueuer, settings: Settings) -> int:
             continue
         now = now_ms()
         stranded = coverage.stranded(in_broker)
+        if in_broker is None and coverage.idle:
+            if waiting is None:
+                waiting = await queue_depths(store, settings, settings.servers)
+            stranded = coverage.stranded_by_depth(waiting)
         uncovered: dict[str, list[int]] = {c.id: c.items for c in stranded}
         if coverage.nothing_outstanding:
             uncovered[WHOLE_JOB] = []

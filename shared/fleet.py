@@ -11,6 +11,7 @@ import time
 
 from pydantic import BaseModel
 
+from shared.broker_queues import queue_depths
 from shared.limiter import in_flight
 from shared.probes import ProbeResult, last_probe
 from shared.settings import Settings
@@ -30,7 +31,7 @@ class ServerView(BaseModel):
     max_concurrency: int
     timeout_s: float
     in_flight: int  # calls holding one of the server's cluster-wide slots now
-    queued_chunks: int  # chunk messages waiting in the server's broker queue
+    queued_chunks: int | None  # chunk messages waiting in the server's broker queue; None: unreadable
     healthy: bool | None  # the circuit breaker's state from the last probe; None before any probe
     probe: ProbeResult | None = None
 
@@ -40,17 +41,8 @@ class Fleet(BaseModel):
     workers: list[WorkerLife]
 
 
-async def queued_chunks(store: JobStore, settings: Settings, server: str) -> int:
-    """Messages in the server's queue on a Redis broker (kombu keeps priority sub-queues as
-    ``QUEUE``, ``QUEUE\\x06\\x163``, ...); 0 on a broker this cannot read."""
-    queue = f"{settings.namespace}:celery:{store.keys.queue(server)}"
-    waiting = 0
-    async for key in store.client.scan_iter(match=f"{queue}*", _type="list"):
-        waiting += await store.client.llen(key)
-    return int(waiting)
-
-
 async def server_views(store: JobStore, settings: Settings) -> list[ServerView]:
+    depths = await queue_depths(store, settings, settings.servers) or {}
     views = []
     for name, server in sorted(settings.servers.items()):
         probed = await last_probe(store.client, store.keys, name)
@@ -61,7 +53,7 @@ async def server_views(store: JobStore, settings: Settings) -> list[ServerView]:
                 max_concurrency=server.max_concurrency,
                 timeout_s=server.timeout_s,
                 in_flight=await in_flight(store.client, store.keys, name),
-                queued_chunks=await queued_chunks(store, settings, name),
+                queued_chunks=depths.get(name),
                 healthy=None if probed is None else probed.ok,
                 probe=probed,
             )

@@ -19,6 +19,7 @@ from celery.signals import (
 )
 
 import celeryconfig
+from shared.brokers import broker_kind, priority_of
 from shared.errors import RedisUnavailable
 from shared.jobs import BrokerView
 from shared.keys import Keys
@@ -29,11 +30,6 @@ from workers.runtime import WorkerRuntime
 log = logging.getLogger(__name__)
 
 RUN_CHUNK = "toolswarm.run_chunk"
-URGENT_PRIORITY = 0
-# An isolated run stops its whole worker process from taking other work while it waits and runs:
-# behind the other taken-back items, so their takeover does not queue behind it; ahead of new work.
-ISOLATED_PRIORITY = 3
-NORMAL_PRIORITY = 6
 
 
 class RuntimeHolder:
@@ -103,6 +99,7 @@ class CeleryEnqueuer:
     def __init__(self, app: Celery, keys: Keys) -> None:
         self.app = app
         self.keys = keys
+        self.broker = broker_kind(str(app.conf.broker_url))
 
     def check(self) -> None:
         """Raise :class:`RedisUnavailable` unless the broker answers (before anything is written)."""
@@ -163,20 +160,13 @@ class CeleryEnqueuer:
                     task_id=chunk.id,
                     queue=self.keys.queue(chunk.server),
                     producer=producer,
-                    priority=priority_of(chunk),
+                    priority=priority_of(chunk, self.broker),
                 )
 
 
 def _task_id(message: dict[str, Any]) -> str:
     """The Celery task id of a raw kombu message ("" for a message that is not a task)."""
     return str((message.get("headers") or {}).get("id", ""))
-
-
-def priority_of(chunk: Chunk) -> int:
-    """On the Redis transport a lower number is served first."""
-    if chunk.isolated:
-        return ISOLATED_PRIORITY
-    return URGENT_PRIORITY if chunk.urgent else NORMAL_PRIORITY
 
 
 def worker_argv(

@@ -997,7 +997,7 @@
             h("td", { class: "num" }, probe ? probe.latency_ms.toFixed(1) : "–"),
             h("td", { class: "num" }, probe ? probe.tool_count : "–"),
             h("td", { "data-testid": "in-flight" }, meter(s.in_flight, s.max_concurrency)),
-            h("td", { class: "num", "data-testid": "queued-chunks" }, s.queued_chunks),
+            h("td", { class: "num", "data-testid": "queued-chunks" }, s.queued_chunks ?? "unknown"),
             h("td", { class: "num" }, s.timeout_s),
           );
         }),

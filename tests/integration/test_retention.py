@@ -9,9 +9,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from click.testing import Result
 from fastapi.testclient import TestClient
+from typer.testing import CliRunner
 
 from api.app import create_api
+from cli.main import app as cli_app
 from shared.jobs import Enqueuer, Submitted, submit_job
 from shared.keys import Keys
 from shared.models import JobSpec
@@ -72,6 +75,12 @@ def submit(
 
     submitted: Submitted = cluster.run(cluster.with_store(go))
     return submitted.job_id
+
+
+def toolswarm(cluster: Cluster, *args: str) -> Result:
+    """The CLI, run in this process (a subprocess would spend seconds importing on a busy machine)."""
+    env = {"TOOLSWARM_CONFIG": str(cluster.config_file), "TOOLSWARM_REDIS_URL": cluster.redis_url}
+    return CliRunner().invoke(cli_app, list(args), env=env)
 
 
 def state_of(api: TestClient, job_id: str) -> str | None:
@@ -203,13 +212,13 @@ def test_ended_jobs_expire_whole_while_a_running_job_is_untouched_then_delete(
     untouched = keys_of(cluster, running)
     assert untouched and all(ttl == -1 for ttl in untouched.values()), untouched
 
-    refused = cluster.cli("delete", running)
-    assert refused.returncode == 1
+    refused = toolswarm(cluster, "delete", running)
+    assert refused.exit_code == 1
     assert f"job {running} is running: cancel it first, or force the delete" in refused.stderr
     assert keys_of(cluster, running)
 
-    forced = cluster.cli("delete", running, "--force", "--json")
-    assert forced.returncode == 0, forced.stderr
+    forced = toolswarm(cluster, "delete", running, "--force", "--json")
+    assert forced.exit_code == 0, forced.stderr
     assert json.loads(forced.stdout) == {"deleted": running, "state": "cancelled"}
     assert keys_of(cluster, running) == {}
     assert traces(cluster, running) == []
@@ -245,8 +254,8 @@ def test_jobs_listed_and_deleted_over_http(cluster: Cluster, api: TestClient, en
     wait_state(api, running, "running")
 
     # `jobs`: newest first with progress; --json gives the status models.
-    listed = cluster.cli("jobs", "--json", "--limit", "3")
-    assert listed.returncode == 0, listed.stderr
+    listed = toolswarm(cluster, "jobs", "--json", "--limit", "3")
+    assert listed.exit_code == 0, listed.stderr
     rows = json.loads(listed.stdout)
     assert [row["job_id"] for row in rows] == [running, logged, ended]
     assert rows[0]["state"] == "running" and rows[0]["expires_at_ms"] is None
@@ -261,13 +270,13 @@ def test_jobs_listed_and_deleted_over_http(cluster: Cluster, api: TestClient, en
     assert keys_of(cluster, running) == {} and traces(cluster, running) == []
 
     # --state filters; the table shows progress.
-    finished = cluster.cli("jobs", "--state", "finished", "--json")
+    finished = toolswarm(cluster, "jobs", "--state", "finished", "--json")
     assert [row["job_id"] for row in json.loads(finished.stdout)] == [logged, ended]
-    table = cluster.cli("jobs", "-n", "1")
-    assert table.returncode == 0, table.stderr
+    table = toolswarm(cluster, "jobs", "-n", "1")
+    assert table.exit_code == 0, table.stderr
     assert logged in table.stdout and ended not in table.stdout and "3/3 (100%)" in table.stdout
-    bad = cluster.cli("jobs", "--state", "done")
-    assert bad.returncode == 1
+    bad = toolswarm(cluster, "jobs", "--state", "done")
+    assert bad.exit_code == 1
     assert "--state must be one of pending, running, finished, cancelled, not 'done'" in bad.stderr
 
     # An ended job goes at once, its idempotency key with it; then it is unknown (404).
