@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
+
+from kombu.utils.url import parse_url
 
 from shared.brokers import AMQP_MAX_PRIORITY, AMQP_PRIORITY, Lane, broker_kind
 from shared.embedded import broker_url
@@ -11,9 +14,11 @@ from shared.settings import Settings
 
 def from_settings(settings: Settings) -> dict[str, Any]:
     url = broker_url(settings)
+    tls = broker_tls(url)
     broker = redis_broker(settings) if broker_kind(url) == "redis" else amqp_broker()
     return {
         "broker_url": url,
+        **({"broker_use_ssl": tls} if tls is not None else {}),
         "broker_connection_retry_on_startup": True,
         **broker,
         # JSON only: a pickle from the broker is code execution.
@@ -34,6 +39,16 @@ def from_settings(settings: Settings) -> dict[str, Any]:
         "task_create_missing_queues": True,
         "worker_hijack_root_logger": False,
     }
+
+
+def broker_tls(url: str) -> dict[str, Any] | None:
+    """The TLS options of a ``rediss://`` broker URL (its ``ssl_*`` query parameters), verifying the
+    server by default as redis-py does: kombu alone would not verify a URL that names none, and
+    Flower reads TLS only from here, not from the URL."""
+    parsed = parse_url(url)
+    if parsed["transport"] != "rediss":
+        return None
+    return {"ssl_cert_reqs": ssl.CERT_REQUIRED, **(parsed.get("ssl") or {})}
 
 
 def redis_broker(settings: Settings) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from shared.jobs import (
 )
 from shared.keys import Keys
 from shared.models import JobSpec, JobState, JobStatus, ResultRecord
+from shared.redaction import redacted_url
 from shared.settings import Settings, describe_validation_error
 from shared.store import JobStore, connect, ping
 
@@ -45,7 +46,7 @@ async def open_store(settings: Settings) -> AsyncIterator[JobStore]:
     try:
         client = connect(url, socket_connect_timeout=5)
     except ValueError as exc:  # redis-py rejects a malformed URL with ValueError
-        raise ConfigError(f"invalid Redis URL {url!r}: {exc}") from None
+        raise ConfigError(f"invalid Redis URL {redacted_url(url)!r}: {exc}") from None
     try:
         await ping(url)
         yield JobStore(client, Keys(settings.namespace), settings.global_events_maxlen)
@@ -97,6 +98,16 @@ def submit(
             return await submit_job(spec, settings, store, enqueuer)
 
     return asyncio.run(go())
+
+
+def check_connections(settings: Settings) -> None:
+    """Fail at start, in one line naming the URL without its secret, when the state Redis or the
+    broker cannot be reached or refuses the URL's credentials (a worker or the API would otherwise
+    start and retry forever)."""
+    from workers.app import CeleryEnqueuer, create_app
+
+    asyncio.run(ping(redis_url(settings)))
+    CeleryEnqueuer(create_app(settings), Keys(settings.namespace)).check()
 
 
 def celery_enqueuer(settings: Settings, store: JobStore) -> Enqueuer:

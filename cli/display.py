@@ -11,6 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from shared.models import JobStatus
+from shared.redaction import redacted_url
 from shared.settings import Settings
 
 if TYPE_CHECKING:  # the doctor's models import the whole engine: not for every command's start-up
@@ -153,7 +154,7 @@ def print_servers(console: Console, settings: Settings, fleet: Fleet) -> None:
         table.add_column(column)
     for view in fleet.servers:
         server = settings.servers[view.name]
-        endpoint = server.url or " ".join([server.command or "", *server.args])
+        endpoint = redacted_url(server.url) if server.url else " ".join([server.command or "", *server.args])
         table.add_row(
             view.name,
             server.transport,

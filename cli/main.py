@@ -419,6 +419,7 @@ def worker(
     log_format: LogFormatOption = None,
 ) -> None:
     """Run one worker process (a Celery worker of the toolswarm app)."""
+    from cli import commands
     from workers.app import create_app, worker_argv
     from workers.output import prepare_worker_output
 
@@ -426,6 +427,7 @@ def worker(
         config = with_log_format(settings(), log_format)
         if servers is not None:
             config = with_pool(config, [name.strip() for name in servers.split(",") if name.strip()])
+        commands.check_connections(config)
         config = with_metrics(config, metrics_port, metrics_address)
         celery_app = create_app(config)
         if config.worker.metrics_port is not None:
@@ -492,10 +494,12 @@ def api(
     import uvicorn
 
     from api.app import create_api
+    from cli import commands
 
     with _errors_as_one_line():
         config = with_log_format(settings(), log_format)
         start_server_logs(config, log_level)
+        commands.check_connections(config)
         uvicorn.run(
             create_api(config, max_body_bytes=max_body_mb * 1024 * 1024),
             host=host,

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
+from shared.redaction import redacted_url
+
 
 class ToolswarmError(Exception):
     """Root of every error toolswarm raises on purpose."""
@@ -58,6 +62,21 @@ class RedisUnavailable(ToolswarmError):
 
     error_type = "redis_unavailable"
     retryable = True
+
+
+class RedisAuthFailed(RedisUnavailable):
+    """Redis (state store or broker) refused the credentials of its URL: no retry helps."""
+
+    error_type = "redis_auth_failed"
+    retryable = False
+
+    @classmethod
+    def at(cls, what: str, url: str, reason: object) -> RedisAuthFailed:
+        """The error for ``what`` ("Redis", "the broker") at ``url``, shown without its secret."""
+        shown = redacted_url(url)
+        if urlsplit(url).password is None:
+            return cls(f"{what} at {shown} asks for a password and the URL has none: {reason}")
+        return cls(f"{what} at {shown} refused the URL's credentials: {reason}")
 
 
 # --- outcomes of one tool call ----------------------------------------------------------------

@@ -12,11 +12,12 @@ from typing import Any, Literal
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+from redis.exceptions import AuthenticationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.dag import Needs
-from shared.errors import JobNotFound, RedisUnavailable
+from shared.errors import ConfigError, JobNotFound, RedisAuthFailed, RedisUnavailable
 from shared.eventlog import EventLog
 from shared.jobview import JobView, apply_job_event
 from shared.keys import JobKeys, Keys
@@ -34,6 +35,7 @@ from shared.models import (
     StateMode,
     StepRecord,
 )
+from shared.redaction import redacted_url
 from shared.settings import RetryPolicy
 
 WRITE_BATCH = 1000
@@ -57,13 +59,18 @@ def connect(url: str, **kwargs: Any) -> aioredis.Redis:
 async def ping(url: str) -> None:
     """Raise :class:`RedisUnavailable` naming the URL when Redis cannot be reached, at once: the
     check does not wait out the client's retries (someone at a prompt, a readiness probe)."""
-    probe = aioredis.Redis.from_url(
-        url, retry=Retry(NoBackoff(), 0), retry_on_error=[], socket_connect_timeout=5, socket_timeout=5
-    )
+    try:
+        probe = aioredis.Redis.from_url(
+            url, retry=Retry(NoBackoff(), 0), retry_on_error=[], socket_connect_timeout=5, socket_timeout=5
+        )
+    except ValueError as exc:  # redis-py's word for a malformed URL
+        raise ConfigError(f"invalid Redis URL {redacted_url(url)!r}: {exc}") from None
     try:
         await probe.ping()
+    except AuthenticationError as exc:  # before ConnectionError, of which it is a subclass
+        raise RedisAuthFailed.at("Redis", url, exc) from None
     except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-        raise RedisUnavailable(f"cannot reach Redis at {url}: {exc}") from None
+        raise RedisUnavailable(f"cannot reach Redis at {redacted_url(url)}: {exc}") from None
     finally:
         await probe.aclose()
 

@@ -17,13 +17,15 @@ from celery.signals import (
     worker_shutdown,
     worker_shutting_down,
 )
+from redis.exceptions import AuthenticationError
 
 import celeryconfig
 from shared.brokers import broker_kind, priority_of
-from shared.errors import RedisUnavailable
+from shared.errors import RedisAuthFailed, RedisUnavailable
 from shared.jobs import BrokerView
 from shared.keys import Keys
 from shared.models import Chunk
+from shared.redaction import redacted_url
 from shared.settings import Settings, load_settings
 from workers.runtime import WorkerRuntime
 
@@ -107,7 +109,10 @@ class CeleryEnqueuer:
             with self.app.connection_for_write() as connection:
                 connection.ensure_connection(max_retries=1, timeout=5)
         except Exception as exc:  # kombu wraps transport errors in many types
-            raise RedisUnavailable(f"cannot reach the broker at {self.app.conf.broker_url}: {exc}") from None
+            url = str(self.app.conf.broker_url)
+            if isinstance(exc, AuthenticationError) or isinstance(exc.__cause__, AuthenticationError):
+                raise RedisAuthFailed.at("the broker", url, exc) from None
+            raise RedisUnavailable(f"cannot reach the broker at {redacted_url(url)}: {exc}") from None
 
     def restore_orphans(self, older_than_s: float, live: set[str]) -> int:
         """Requeue unacked chunk messages older than ``older_than_s`` that no live worker holds, with
