@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import TextIO
 
 from pydantic import TypeAdapter, ValidationError
 from rich.console import Console
 
-from cli import display
+from cli import display, export
+from cli.export import ExportFormat
 from shared import events
 from shared.context import ContextStore, SessionContext, open_context_store, validate_session_id
 from shared.doctor import Diagnosis, diagnose
@@ -194,14 +196,22 @@ def reduce_record(settings: Settings, job_id: str) -> ResultRecord | None:
     return asyncio.run(go())
 
 
-def results(
-    settings: Settings, job_id: str, status_filter: str | None = None, step: str | None = None
-) -> Iterator[ResultRecord]:
-    async def go() -> list[ResultRecord]:
-        async with open_store(settings) as store:
-            return [r async for r in store.results(job_id) if r.matches(status_filter, step)]
+def export_results(
+    settings: Settings,
+    job_id: str,
+    out: TextIO,
+    fmt: ExportFormat = "jsonl",
+    status_filter: str | None = None,
+    step: str | None = None,
+) -> int:
+    """Stream the job's results to ``out`` (see cli/export.py); returns how many were written."""
 
-    yield from asyncio.run(go())
+    async def go() -> int:
+        async with open_store(settings) as store:
+            await store.status(job_id)  # an unknown job fails here, before anything is written
+            return await export.export_results(store, job_id, out, fmt, status_filter, step)
+
+    return asyncio.run(go())
 
 
 async def watch_job(store: JobStore, job_id: str, console: Console) -> JobStatus:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -105,3 +107,35 @@ def test_job_runs_end_to_end(
     check_results(cluster, job_id, items, records)
     workers_used = {r.worker for r in records}
     assert len(workers_used) == 2, f"both worker processes took part: {workers_used}"
+    check_exports(cluster, job_id, records, tmp_path)
+
+
+def check_exports(cluster: Cluster, job_id: str, records: list[ResultRecord], tmp_path: Path) -> None:
+    """`results --output FILE` writes what `results` prints; `--format csv` one flat row per record."""
+    jsonl, flat = tmp_path / "results.jsonl", tmp_path / "results.csv"
+    out = cluster.cli("results", job_id, "--output", str(jsonl))
+    assert out.returncode == 0, out.stderr
+    assert f"{len(records)} results written to {jsonl}" in out.stdout
+    assert [ResultRecord.model_validate_json(line) for line in jsonl.read_text().splitlines()] == records
+    out = cluster.cli("results", job_id, "--format", "csv", "--status", "failed", "-o", str(flat))
+    assert out.returncode == 0, out.stderr
+    with flat.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    failed = [r for r in records if r.status == "failed"]
+    assert [int(row["index"]) for row in rows] == [r.index for r in failed]
+    for row, record in zip(rows, failed, strict=True):
+        assert record.error is not None
+        assert (row["status"], row["error_type"], row["error"]) == (
+            "failed",
+            record.error.type,
+            record.error.message,
+        )
+    out = cluster.cli("results", job_id, "--format", "csv")
+    assert out.returncode == 0, out.stderr
+    rows = list(csv.DictReader(io.StringIO(out.stdout)))
+    assert list(rows[0]) == ["index", "key", "status", "error_type", "error", "output"]
+    for row, record in zip(rows, records, strict=True):
+        assert row["key"] == (record.key or "") and row["status"] == record.status
+        assert row["output"] == (record.result.text() if record.result else "")
+    bad = cluster.cli("results", job_id, "--format", "xml")
+    assert bad.returncode == 1 and "--format must be jsonl or csv, not 'xml'" in bad.stderr
