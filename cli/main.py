@@ -231,9 +231,19 @@ def results(
     reduce: Annotated[
         bool, typer.Option("--reduce", help="The job's reduce record instead of items.")
     ] = False,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write to this file instead of standard output.")
+    ] = None,
+    export_format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="jsonl (one whole record a line) or csv (index, key, status, error type, error, output).",
+        ),
+    ] = "jsonl",
     as_json: JsonFlag = False,
 ) -> None:
-    """Print one result record per line (JSON)."""
+    """Stream the job's results in item order: one JSON record a line, or CSV rows."""
     from cli import commands
 
     with _errors_as_one_line():
@@ -247,9 +257,14 @@ def results(
             raise Failure(f"--status must be succeeded, failed or cancelled, not {status_filter!r}")
         if step is not None and status_filter not in (None, "failed"):
             raise Failure("--step selects failed items: it cannot be combined with --status " + status_filter)
-        for record in commands.results(settings(), job_id, status_filter, step):
-            sys.stdout.write(record.model_dump_json(exclude_none=True) + "\n")
-        sys.stdout.flush()
+        if export_format not in ("jsonl", "csv"):
+            raise Failure(f"--format must be jsonl or csv, not {export_format!r}")
+        if output is None:
+            commands.export_results(settings(), job_id, sys.stdout, export_format, status_filter, step)
+            return
+        with output.open("w", encoding="utf-8", newline="") as out:
+            written = commands.export_results(settings(), job_id, out, export_format, status_filter, step)
+        console.print(f"{written} results written to {output}", highlight=False, soft_wrap=True)
     _ = as_json  # result records are JSON Lines either way
 
 
