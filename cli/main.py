@@ -490,10 +490,13 @@ def flower(
     address: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
 ) -> None:
     """Run Flower against the configured broker."""
+    from cli import commands
     from workers.app import create_app
 
     with _errors_as_one_line():
-        celery_app = create_app(settings())
+        config = settings()
+        commands.check_connections(config)
+        celery_app = create_app(config)
         celery_app.start(argv=["flower", f"--address={address}", f"--port={port}"])
 
 
@@ -538,10 +541,12 @@ def gateway(
     import anyio
 
     from api.gateway import serve_http, serve_stdio
+    from cli import commands
 
     with _errors_as_one_line():
         config = with_log_format(settings(), log_format)
         start_server_logs(config, log_level)
+        commands.check_connections(config)
         if transport == "stdio":
             anyio.run(serve_stdio, config)
         elif transport == "http":
