@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
@@ -101,6 +101,14 @@ def print_jobs(console: Console, jobs: list[JobStatus]) -> None:
             expires,
         )
     console.print(table)
+
+
+def print_parts(console: Console, title: str, parts: Sequence[tuple[str, str]]) -> None:
+    """Where each part of what runs listens: one aligned ``name  where`` line each."""
+    console.print(title)
+    width = max(len(name) for name, _ in parts)
+    for name, where in parts:
+        console.print(f"  {name:<{width}}  {where}", highlight=False, soft_wrap=True)
 
 
 def print_steps(console: Console, outcomes: Mapping[str, Mapping[str, int]]) -> None:

@@ -449,8 +449,8 @@ def worker(
             from workers.metrics import serve_worker_metrics
 
             serve_worker_metrics(celery_app, config.worker.metrics_address, config.worker.metrics_port)
-        prepare_worker_output(celery_app, config)
         quiet = quiet or config.log_format == "json"  # the banner is not JSON
+        prepare_worker_output(celery_app, config, quiet=quiet)
         celery_app.worker_main(argv=worker_argv(config, hostname=hostname, loglevel=loglevel, quiet=quiet))
 
 
@@ -458,12 +458,20 @@ def worker(
 def up(
     workers: Annotated[int, typer.Option("--workers", "-w", min=1, help="Worker processes to run.")] = 2,
     loglevel: Annotated[str, typer.Option(help="Worker log level.")] = "WARNING",
+    api_port: Annotated[int | None, typer.Option(min=1, max=65535, help="Also run the API here.")] = None,
+    flower_port: Annotated[int | None, typer.Option(min=1, max=65535, help="Also run Flower here.")] = None,
+    gateway_port: Annotated[
+        int | None, typer.Option(min=1, max=65535, help="Also run the MCP gateway (HTTP) here.")
+    ] = None,
 ) -> None:
-    """Run Redis (embedded, unless one is configured) and N workers in the foreground."""
+    """Run Redis (embedded, unless one is configured), N workers and, if asked, the API, Flower and
+    the gateway (on 127.0.0.1) in the foreground; say where each listens."""
     from cli import processes
 
     with _errors_as_one_line():
-        processes.up(settings(), workers=workers, loglevel=loglevel, console=console)
+        ports = {processes.API: api_port, processes.FLOWER: flower_port, processes.GATEWAY: gateway_port}
+        services = {service: port for service, port in ports.items() if port is not None}
+        processes.up(settings(), workers=workers, loglevel=loglevel, console=console, services=services)
 
 
 @app.command()
@@ -488,6 +496,7 @@ def demo(
 def flower(
     port: Annotated[int, typer.Option(help="Port to serve Flower on (127.0.0.1).")] = 5555,
     address: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No start-up banner; warnings only.")] = False,
 ) -> None:
     """Run Flower against the configured broker."""
     from cli import commands
@@ -497,7 +506,10 @@ def flower(
         config = settings()
         commands.check_connections(config)
         celery_app = create_app(config)
-        celery_app.start(argv=["flower", f"--address={address}", f"--port={port}"])
+        # Celery's --quiet drops Flower's banner (its broker and registered tasks); tornado's
+        # --logging its info lines.
+        quieter = ["--quiet", "flower", "--logging=warning"] if quiet else ["flower"]
+        celery_app.start(argv=[*quieter, f"--address={address}", f"--port={port}"])
 
 
 @app.command()

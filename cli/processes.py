@@ -1,4 +1,5 @@
-"""Processes the CLI starts and stops: workers, the demo MCP server, the embedded Redis.
+"""Processes the CLI starts and stops: workers, the API, Flower and the gateway beside them, the demo
+MCP server, the embedded Redis.
 
 Everything started here binds 127.0.0.1 and is stopped by its pid.
 """
@@ -16,17 +17,20 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from types import FrameType
 
 from rich.console import Console
 
 from cli import display
-from cli.commands import open_store, submit, watch_job
+from cli.commands import check_connections, open_store, submit, watch_job
 from shared.embedded import EmbeddedRedis, read_embedded
 from shared.errors import ToolswarmError
+from shared.redaction import redacted_url
 from shared.settings import CONFIG_ENV, Settings, load_settings
 from shared.store import JobStore
 from workers.runtime import PARENT_PID_ENV
@@ -63,6 +67,54 @@ def spawn_worker(env: dict[str, str], loglevel: str, name: str) -> subprocess.Po
         env={**env, PARENT_PID_ENV: str(os.getpid())},
         start_new_session=True,
     )
+
+
+def workers_part(names: list[str], processes: list[subprocess.Popen[bytes]]) -> tuple[str, str]:
+    """The workers' line of what runs: their Celery node names (``NAME@%h`` expanded) and pids."""
+    host = socket.gethostname()
+    ready = ", ".join(f"{name}@{host} (pid {p.pid})" for name, p in zip(names, processes, strict=True))
+    return "workers", f"{len(names)} ready: {ready}"
+
+
+@dataclass(frozen=True)
+class Service:
+    """A server `up` may run beside the workers: its command line and where it then listens."""
+
+    name: str
+    option: str  # of `toolswarm up`
+    command: tuple[str, ...]
+    path: str = ""
+
+    def spawn(self, env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "cli", *self.command, f"--port={port}"], env=env, start_new_session=True
+        )
+
+    def url(self, port: int) -> str:
+        return f"http://127.0.0.1:{port}{self.path}"
+
+
+API = Service("API", "api-port", ("api",))
+FLOWER = Service("Flower", "flower-port", ("flower", "--quiet"))
+GATEWAY = Service("gateway", "gateway-port", ("gateway", "--transport=http"), "/mcp")
+
+
+@dataclass
+class Supervised:
+    """A process `up` keeps running: started again whenever it exits."""
+
+    name: str
+    start: Callable[[], subprocess.Popen[bytes]]
+    process: subprocess.Popen[bytes] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.process = self.start()
+
+    def restart_if_exited(self, console: Console) -> None:
+        exited = self.process
+        if exited.poll() is not None:
+            console.print(f"{self.name} pid {exited.pid} exited with {exited.returncode}; restarting")
+            self.process = self.start()
 
 
 def stop_processes(processes: list[subprocess.Popen[bytes]], grace_s: float = WORKER_STOP_GRACE_S) -> None:
@@ -110,11 +162,21 @@ async def wait_for_workers(settings: Settings, count: int, timeout: float = READ
     raise ToolswarmError(f"{count} workers did not become ready within {timeout}s")
 
 
-def up(settings: Settings, *, workers: int, loglevel: str, console: Console) -> None:
-    """Embedded Redis (unless configured) and N supervised workers, until Ctrl-C or SIGTERM."""
+def up(
+    settings: Settings,
+    *,
+    workers: int,
+    loglevel: str,
+    console: Console,
+    services: Mapping[Service, int] | None = None,
+) -> None:
+    """Embedded Redis (unless configured), N supervised workers and the ``services`` asked for (each
+    on its port), until Ctrl-C or SIGTERM; then say where each part listens."""
     embedded: EmbeddedRedis | None = None
     env = dict(os.environ)
-    processes: list[subprocess.Popen[bytes]] = []
+    supervised: list[Supervised] = []
+    parts: list[tuple[str, str]] = []
+    services = services or {}
     with sigterm_as_stop():
         try:
             if not settings.redis_url:
@@ -126,22 +188,38 @@ def up(settings: Settings, *, workers: int, loglevel: str, console: Console) -> 
                     )
                 embedded = EmbeddedRedis(settings)
                 env["TOOLSWARM_REDIS_URL"] = embedded.start(publish=True)
-                console.print(f"embedded Redis at {embedded.url} (pid {embedded.server_pid})")
-            processes = [spawn_worker(env, loglevel, f"w{i}") for i in range(workers)]
-            console.print(f"{workers} worker(s) started: pids {', '.join(str(p.pid) for p in processes)}")
+                settings = settings.model_copy(update={"redis_url": embedded.url})
+                parts.append(("Redis", f"{embedded.url} (embedded, pid {embedded.server_pid})"))
+            else:
+                # Nothing embedded starts; a wrong password or CA fails here, not in N restarting workers.
+                check_connections(settings)
+                parts.append(("Redis", f"{redacted_url(settings.redis_url)} (configured)"))
+            if settings.broker_url and settings.broker_url != settings.redis_url:
+                parts.append(("broker", redacted_url(settings.broker_url)))
+            names = [f"w{i}" for i in range(workers)]
+            supervised = [
+                Supervised(f"worker {name}", partial(spawn_worker, env, loglevel, name)) for name in names
+            ]
+            asyncio.run(wait_for_workers(settings, workers))
+            parts.append(workers_part(names, [s.process for s in supervised]))
+            # After the workers: Flower asks them what they run when it starts.
+            for service, port in services.items():
+                supervised.append(Supervised(service.name, partial(service.spawn, env, port)))
+                wait_for_port(port, READY_TIMEOUT_S, supervised[-1].process)
+                parts.append((service.name, f"{service.url(port)} (pid {supervised[-1].process.pid})"))
+            for service in (API, FLOWER, GATEWAY):
+                if service not in services:
+                    parts.append((service.name, f"not started (--{service.option} PORT to run it)"))
+            display.print_parts(console, "toolswarm is up:", parts)
             console.print("Ctrl-C or SIGTERM stops everything.")
             while True:
                 time.sleep(0.5)
-                for i, process in enumerate(processes):
-                    if process.poll() is not None:
-                        console.print(
-                            f"worker pid {process.pid} exited with {process.returncode}; restarting"
-                        )
-                        processes[i] = spawn_worker(env, loglevel, f"w{i}")
+                for process in supervised:
+                    process.restart_if_exited(console)
         except (KeyboardInterrupt, Stop):
             console.print("stopping ...")
         finally:
-            stop_processes(processes)
+            stop_processes([s.process for s in supervised])
             if embedded is not None:
                 embedded.stop()
 
@@ -238,7 +316,10 @@ def demo(*, items: int, workers: int, transport: str, console: Console, pipeline
         try:
             os.environ["TOOLSWARM_REDIS_URL"] = redis.start(publish=False)
             settings = load_settings()
-            console.print(f"embedded Redis at {redis.url}")
+            parts = [("Redis", f"{redis.url} (embedded, pid {redis.server_pid})")]
+            names = [f"demo{i}" for i in range(workers)]
+            worker_processes = [spawn_worker(dict(os.environ), "WARNING", name) for name in names]
+            processes.extend(worker_processes)
             if transport == "http":
                 server = subprocess.Popen(
                     [sys.executable, "-m", "workers.demo_server", "--transport", "http", "--port", str(port)],
@@ -246,19 +327,17 @@ def demo(*, items: int, workers: int, transport: str, console: Console, pipeline
                 )
                 processes.append(server)
                 wait_for_port(port, 30, server)
-                console.print(f"demo MCP server on http://127.0.0.1:{port}/mcp (pid {server.pid})")
+                parts.append(("demo MCP server", f"http://127.0.0.1:{port}/mcp (pid {server.pid})"))
             else:
-                console.print("demo MCP server over stdio (each worker session runs its own)")
-            worker_processes = [spawn_worker(dict(os.environ), "WARNING", f"demo{i}") for i in range(workers)]
-            processes[:0] = worker_processes
+                parts.append(("demo MCP server", "over stdio (each worker session runs its own)"))
             asyncio.run(wait_for_workers(settings, workers))
+            parts.append(workers_part(names, worker_processes))
+            display.print_parts(console, "toolswarm demo:", parts)
             if pipeline_file is None:
-                console.print(
-                    f"{workers} worker(s) ready; submitting {items} items ({', '.join(DEMO_TOOLS)})"
-                )
+                console.print(f"submitting {items} items ({', '.join(DEMO_TOOLS)})")
             else:
                 chain = " → ".join(step["name"] for step in DEMO_PIPELINE["steps"])
-                console.print(f"{workers} worker(s) ready; submitting {items} pipeline items ({chain})")
+                console.print(f"submitting {items} pipeline items ({chain})")
             submitted = submit(settings, items_file, pipeline_file=pipeline_file, server="demo")
 
             async def follow() -> None:

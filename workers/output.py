@@ -24,9 +24,10 @@ CELERY_TASK_LOGGERS = ("celery.worker.strategy", "celery.app.trace")
 CHUNK_KWARGS = re.compile(r"'job_id': '(?P<job_id>[^']*)', 'server': '(?P<server>[^']*)'")
 
 
-def prepare_worker_output(app: Celery, settings: Settings) -> None:
-    """Call before ``worker_main``: quiet Celery's root warning, and in JSON mode make every line
-    the worker writes (Celery's included) a JSON object."""
+def prepare_worker_output(app: Celery, settings: Settings, *, quiet: bool = False) -> None:
+    """Call before ``worker_main``: quiet Celery's root warning; in JSON mode make every line the
+    worker writes (Celery's included) a JSON object; when ``quiet`` (no banner: JSON mode, or a
+    worker that ``up`` or ``demo`` supervises) say nothing on stdout at shutdown either."""
     # Celery warns on every start as root. toolswarm accepts JSON messages only, so a message
     # cannot run code (with pickle accepted Celery would refuse to start as root at all); in a
     # container root is the usual user, and compose/ runs workers as a non-root user anyway.
@@ -37,8 +38,9 @@ def prepare_worker_output(app: Celery, settings: Settings) -> None:
         # Receivers of setup_logging replace Celery's own logging set-up (and its redirection of
         # stdout, which would turn stdio MCP servers' stderr into a proxy without a file number).
         setup_logging.connect(_configure_json_logs, weak=False, dispatch_uid="toolswarm-json-logs")
-        worker_ready.connect(_quiet_shutdown_notice, weak=False, dispatch_uid="toolswarm-json-logs")
-        worker_shutting_down.connect(_log_shutdown, weak=False, dispatch_uid="toolswarm-json-logs")
+    if quiet:
+        worker_ready.connect(_quiet_shutdown_notice, weak=False, dispatch_uid="toolswarm-quiet")
+        worker_shutting_down.connect(_log_shutdown, weak=False, dispatch_uid="toolswarm-quiet")
 
 
 def _configure_json_logs(loglevel: int | str | None = None, **_: Any) -> None:

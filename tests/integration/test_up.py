@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,7 @@ from typing import Any
 import pytest
 import redis
 
-from cli.processes import stop_processes
+from cli.processes import free_port, stop_processes
 from tests.harness import ROOT, server_toml, stdio_demo
 
 pytestmark = pytest.mark.integration
@@ -210,16 +213,41 @@ def run_job_from(workdir: Path) -> None:
     assert texts == sorted(f"up-{i}" for i in range(ITEMS))
 
 
+def says_where_each_part_listens(workdir: Path, info: dict[str, Any], workers: set[int]) -> dict[str, str]:
+    """The lines ``up`` prints once everything is ready, by part; none of them a library's warning."""
+    wait_until(lambda: "Ctrl-C or SIGTERM" in up_log(workdir), READY_TIMEOUT_S, "up never said it was up")
+    log = up_log(workdir)
+    assert "superuser" not in log and "Warning" not in log, log
+    parts = dict(
+        line.strip().split(maxsplit=1) for line in log.split("toolswarm is up:\n", 1)[1].splitlines()[:5]
+    )
+    assert parts["Redis"] == f"{info['url']} (embedded, pid {info['server_pid']})", log
+    host = socket.gethostname()
+    said = parts["workers"]
+    assert said.startswith(f"2 ready: w0@{host} (pid ") and f", w1@{host} (pid " in said, said
+    assert {int(pid) for pid in re.findall(r"\(pid (\d+)\)", said)} == workers, (said, workers)
+    return parts
+
+
 @pytest.mark.parametrize("how", ["sigterm", "ctrl-c", "sigterm-twice"])
 def test_up_serves_the_directory_and_stops_everything(
     how: str, workdir: Path, start_up: Callable[..., subprocess.Popen[bytes]]
 ) -> None:
-    up = start_up("--workers", "2")
+    # Once, the API beside the workers: up says where it listens, and it answers there.
+    api_port = free_port() if how == "sigterm" else None
+    up = start_up("--workers", "2", *([f"--api-port={api_port}"] if api_port else []))
     info, worker_pids = wait_for_up(up, workdir, workers=2)
     assert info["pid"] == up.pid
     server_pid = int(info["server_pid"])
     assert alive(server_pid)
     assert info["url"].startswith("redis://127.0.0.1:")
+    parts = says_where_each_part_listens(workdir, info, worker_pids)
+    if api_port is None:
+        assert parts["API"] == "not started (--api-port PORT to run it)"
+    else:
+        assert re.fullmatch(rf"http://127\.0\.0\.1:{api_port} \(pid \d+\)", parts["API"]), parts
+        with urllib.request.urlopen(f"http://127.0.0.1:{api_port}/healthz", timeout=30) as response:
+            assert response.status == 200
 
     run_job_from(workdir)
 
@@ -253,6 +281,7 @@ def test_up_serves_the_directory_and_stops_everything(
         raise AssertionError(f"still running after up exited: {left}\n{up_log(workdir)}") from None
     assert not (workdir / ".toolswarm" / "redis.json").exists(), up_log(workdir)
     assert "Traceback" not in up_log(workdir)
+    assert "Warm shutdown" not in up_log(workdir)  # Celery's own notice, of each supervised worker
 
 
 def test_second_up_in_the_same_directory_fails_with_one_line(
