@@ -3,7 +3,7 @@
 The route reads one :class:`ClusterReading` (the workers' counters added up, every server's load,
 breaker and queue, jobs by state, live workers) asynchronously, and a Collector turns it into
 metric families, rendered by prometheus_client. The cost of a scrape: a few commands per server,
-and one HGET per job in the jobs index (which retention keeps to the jobs of the last job_ttl_s).
+and a script call per 1000 jobs in the jobs index (retention keeps it to the jobs of the last job_ttl_s).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from shared.fleet import ServerView, live_workers, server_views
+from shared.lua import load_lua
 from shared.metric_families import PREFIX, counter_families, per_server_gauge
 from shared.metrics import Field, cluster_counters
 from shared.models import JobState
@@ -23,7 +24,8 @@ from shared.settings import Settings
 from shared.store import JobStore
 
 JOB_STATES: tuple[str, ...] = get_args(JobState)
-STATES_READ_PER_ROUND_TRIP = 1000
+JOB_STATES_PER_CALL = 1000  # jobs one script call looks at: about 10 ms of Redis's time, loaded
+JOB_ID_MARK = "\x00"  # stands for the job id when splitting a meta key into prefix and suffix
 
 
 @dataclass(frozen=True)
@@ -36,21 +38,18 @@ class ClusterReading:
 
 async def jobs_by_state(store: JobStore) -> dict[str, int]:
     """How many jobs of the jobs index are in each state now (a job whose keys are gone is not
-    counted)."""
+    counted), counted inside Redis a slice at a time (see job_states.lua)."""
     counts = dict.fromkeys(JOB_STATES, 0)
+    prefix, _, suffix = store.keys.job(JOB_ID_MARK).meta.partition(JOB_ID_MARK)
+    script = store.client.register_script(load_lua("job_states"))
     start = 0
     while True:
-        job_ids = await store.client.zrange(store.keys.jobs, start, start + STATES_READ_PER_ROUND_TRIP - 1)
-        if not job_ids:
+        reply = await script(keys=[store.keys.jobs], args=[prefix, suffix, start, JOB_STATES_PER_CALL])
+        for state, count in zip(reply[1::2], reply[2::2], strict=True):
+            counts[state] = counts.get(state, 0) + int(count)
+        start = int(reply[0])
+        if start == 0:
             return counts
-        async with store.client.pipeline(transaction=False) as pipe:
-            for job_id in job_ids:
-                pipe.hget(store.keys.job(job_id).meta, "state")
-            states = await pipe.execute()
-        for state in states:
-            if state in counts:
-                counts[state] += 1
-        start += len(job_ids)
 
 
 async def read_cluster(store: JobStore, settings: Settings) -> ClusterReading:

@@ -7,7 +7,7 @@ import socket
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,15 @@ def scrape(client: httpx2.Client, url: str) -> Samples:
         for family in text_string_to_metric_families(response.text)
         for sample in family.samples
     }
+
+
+def scrape_until(client: httpx2.Client, done: Callable[[Samples], bool], what: str) -> Samples:
+    def check() -> Samples | None:
+        samples = scrape(client, "/metrics")
+        return samples if done(samples) else None
+
+    found: Samples = wait_until(check, 30, what)
+    return found
 
 
 def value(samples: Samples, name: str, **labels: str) -> float:
@@ -114,29 +123,40 @@ def test_worker_and_api_metrics_move_with_real_jobs(api_cluster: tuple[Cluster, 
     retries = sum(r["attempts"] - 1 for r in results)
     statuses = Counter(r["status"] for r in results)
 
-    # The worker's own counters: exactly its calls, retries and commits.
-    mine = scrape(worker, "/metrics")
+    # The worker's own counters: exactly its calls, retries and commits. A commit and a chunk are
+    # counted just after they land, so the job may be seen finished a moment before the last are.
+    settled_here = {(s,): n for s, n in statuses.items()}
+    chunks = -(-len(items) // 10)
+
+    def counted_here(samples: Samples) -> bool:
+        return (
+            by_label(samples, "toolswarm_items_settled_total", "status") == settled_here
+            and value(samples, "toolswarm_chunks_total", server="demo") >= chunks
+        )
+
+    mine = scrape_until(worker, counted_here, "the worker's commits and chunks")
     assert by_label(mine, "toolswarm_calls_total", "server", "tool", "outcome") == outcomes
     assert value(mine, "toolswarm_retries_total", server="demo") == retries
     assert value(mine, "toolswarm_call_duration_seconds_count", server="demo") == len(items)
     assert value(mine, "toolswarm_call_duration_seconds_bucket", server="demo", le="+Inf") == len(items)
     assert value(mine, "toolswarm_call_duration_seconds_sum", server="demo") > 0
-    assert by_label(mine, "toolswarm_items_settled_total", "status") == {(s,): n for s, n in statuses.items()}
-    assert value(mine, "toolswarm_chunks_total", server="demo") >= len(items) / 10
     assert value(mine, "toolswarm_commits_refused_total") == 0
     assert value(mine, "toolswarm_calls_in_flight", server="demo") == 0
 
-    # The cluster's, once the worker's heartbeat has flushed its counters to Redis.
-    def flushed() -> Samples | None:
-        samples = scrape(api, "/metrics")
-        return samples if by_label(samples, "toolswarm_calls_total", "server", "tool", "outcome") else None
+    # The cluster's, once a heartbeat of the worker has flushed its last counts to Redis (an
+    # earlier one may have flushed part of them while the job ran).
+    settled = {(s,): n for s, n in (statuses + Counter(cancelled=5)).items()}
 
-    cluster_view = wait_until(flushed, 30, "the worker's counters in the API's /metrics")
-    assert by_label(cluster_view, "toolswarm_calls_total", "server", "tool", "outcome") == outcomes
+    def flushed(samples: Samples) -> bool:
+        return (
+            by_label(samples, "toolswarm_calls_total", "server", "tool", "outcome") == outcomes
+            and by_label(samples, "toolswarm_items_settled_total", "status") == settled
+            and value(samples, "toolswarm_chunks_total", server="demo") >= chunks
+        )
+
+    cluster_view = scrape_until(api, flushed, "the worker's counts in the API's /metrics")
     assert value(cluster_view, "toolswarm_retries_total", server="demo") == retries
     assert value(cluster_view, "toolswarm_call_duration_seconds_count", server="demo") == len(items)
-    settled = {(s,): n for s, n in (statuses + Counter(cancelled=5)).items()}
-    assert by_label(cluster_view, "toolswarm_items_settled_total", "status") == settled
     assert by_label(cluster_view, "toolswarm_jobs", "state") == {("finished",): 1, ("cancelled",): 1}
     assert value(cluster_view, "toolswarm_commits_refused_total") == 0
     assert value(cluster_view, "toolswarm_leases_taken_back_total") == 0
