@@ -117,12 +117,12 @@ class CeleryEnqueuer:
     def restore_orphans(self, older_than_s: float, live: set[str]) -> int:
         """Requeue unacked chunk messages older than ``older_than_s`` that no live worker holds, with
         kombu's own restore (the message goes back whole; its claims then skip settled items)."""
+        if self.broker != "redis":  # RabbitMQ gives a lost consumer's messages back by itself
+            return 0
         restored = 0
         with self.app.pool.acquire(block=True) as connection:  # the reaper asks every second: reuse one
             channel = connection.default_channel
             client, qos = channel.client, channel.qos
-            if not hasattr(qos, "unacked_index_key"):  # not kombu's Redis transport: nothing to scan
-                return 0
             delivered_before = time.time() - older_than_s
             for tag in client.zrange(qos.unacked_index_key, delivered_before, 0, desc=True, byscore=True):
                 tag = tag.decode() if isinstance(tag, bytes) else str(tag)
@@ -136,11 +136,11 @@ class CeleryEnqueuer:
         read from kombu's Redis transport: its queue lists (one per priority step) and its unacked
         hash. A message between a consumer's pop and its unacked record is briefly in neither,
         which is why the sweep waits ``stranded_after_s`` before it believes a chunk is gone."""
+        if self.broker != "redis":  # AMQP shows a queue's depth, never the ids in it
+            return None
         with self.app.pool.acquire(block=True) as connection:
             channel = connection.default_channel
             client, qos = channel.client, channel.qos
-            if not hasattr(qos, "unacked_key"):  # not kombu's Redis transport: it cannot be read
-                return None
             # kombu prefixes the keys of the commands it uses itself, and LRANGE and HVALS are not
             # among them: name the keys whole.
             prefix = getattr(channel, "global_keyprefix", "") or ""

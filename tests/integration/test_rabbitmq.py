@@ -31,6 +31,7 @@ heartbeat_s = 0.5
 reaper_interval_s = 0.5
 shutdown_grace_s = 5
 """
+CHUNKS_IN_FLIGHT = 2
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +98,11 @@ def settled_exactly_once(cluster: Cluster, job_id: str, total: int) -> list[Resu
     return records
 
 
+def reaper_ran_clean(cluster: Cluster) -> bool:
+    """No pass of the reaper (takeover, orphan restore, sweep) failed in any worker."""
+    return "reaper failed" not in cluster.worker_logs(tail=10**7)
+
+
 def job_meta(cluster: Cluster, job_id: str, field: str) -> str | None:
     async def read(store: JobStore) -> str | None:
         value: str | None = await store.client.hget(store.keys.job(job_id).meta, field)
@@ -120,24 +126,33 @@ def queued_chunks(cluster: Cluster) -> int | None:
 def test_a_job_runs_over_rabbitmq_and_a_small_one_is_not_stuck_behind_a_huge_one(
     redis_url: str, demo_http_url: str, rabbit: RabbitNode, tmp_path: Path, stop_workers: list[Cluster]
 ) -> None:
-    extra = "[worker]\nchunk_size = 10\njob_window_chunks = 4\n"
+    extra = f"[worker]\nchunk_size = 10\njob_window_chunks = 4\nchunks_in_flight = {CHUNKS_IN_FLIGHT}\n"
     cluster = amqp_cluster(tmp_path, redis_url, rabbit, demo_http_url, extra=extra)
     stop_workers.append(cluster)
-    huge_id = submit(cluster, sleeps(400, 200), "huge")
-    # Its window of chunks waits in the server's queue, declared with priorities, read over AMQP.
-    assert queued_chunks(cluster) == 4
+    huge_id = submit(cluster, sleeps(800, 200), "huge")  # 80 chunks
+    total = 60
+    small_id = submit(cluster, echoes(total), "small")  # 6 chunks
+    # A window of each job's chunks waits in the server's queue (declared with priorities, its
+    # depth read over AMQP), the small job's behind the huge one's, the rest in their backlogs.
+    assert queued_chunks(cluster) == 8
     assert rabbit.queue_arguments(Keys(cluster.namespace).queue("demo")).get("x-max-priority") == 9
     cluster.start_workers(1)
-    total = 60
-    small_id = submit(cluster, echoes(total), "small")
     status = cluster.wait_for_job(small_id)
     assert status.state == "finished" and status.succeeded == total
     assert job_meta(cluster, huge_id, "state") == "running", (
         "the huge job still ran when the small one finished"
     )
+    # acks_late with a prefetch of one message per worker thread: the worker holds what it runs.
+    channels = rabbit.ctl(
+        "list_channels", "--quiet", "--no-table-headers", "global_prefetch_count", "messages_unacknowledged"
+    )
+    held = [tuple(int(n) for n in line.split()) for line in channels.splitlines() if line.strip()]
+    assert (CHUNKS_IN_FLIGHT, CHUNKS_IN_FLIGHT) in held, held
+    assert all(unacked <= CHUNKS_IN_FLIGHT for _, unacked in held), held
     records = settled_exactly_once(cluster, small_id, total)
     assert {r.result.text() for r in records if r.result} == {f"item-{i}" for i in range(total)}
     assert job_meta(cluster, small_id, "restored_items") is None, "the sweep took no chunk for lost"
+    assert reaper_ran_clean(cluster)
     assert cluster.cli("cancel", huge_id).returncode == 0
 
 
@@ -189,6 +204,7 @@ def test_kill_9_gives_unacked_chunks_back_and_commits_each_item_once(
     records = settled_exactly_once(cluster, job_id, total)
     assert job_meta(cluster, job_id, "restored_items") is None, "redelivery, not the sweep, brought it back"
     assert victim_id not in {r.worker for r in records[-20:]}
+    assert reaper_ran_clean(cluster)
 
 
 def holder_with_items(cluster: Cluster, job_id: str) -> str | None:
@@ -240,4 +256,26 @@ def test_urgent_chunks_run_before_a_queued_backlog(
     cluster.wait_for_job(backlog_id)
     order = [e["job_id"] for e in job_events(cluster) if e["type"] == "item.settled"]
     assert order[:5] == [urgent_id] * 5, "the urgent chunk ran before the queued new work"
+    assert reaper_ran_clean(cluster)
     settled_exactly_once(cluster, urgent_id, 5)
+
+
+def test_chunks_purged_from_the_queue_are_enqueued_again_by_the_sweep(
+    redis_url: str, demo_http_url: str, rabbit: RabbitNode, tmp_path: Path, stop_workers: list[Cluster]
+) -> None:
+    """AMQP shows no message ids: a job with outstanding chunks, nothing running and nothing
+    waiting in its queue has lost them (here an operator purged the queue), and the sweep sends
+    its items again."""
+    extra = "[worker]\nchunk_size = 10\nstranded_after_s = 1.0\nreaper_interval_s = 0.5\n"
+    cluster = amqp_cluster(tmp_path, redis_url, rabbit, demo_http_url, extra=extra)
+    stop_workers.append(cluster)
+    total = 30
+    job_id = submit(cluster, echoes(total))
+    rabbit.ctl("purge_queue", Keys(cluster.namespace).queue("demo"))
+    assert queued_chunks(cluster) == 0
+    cluster.start_workers(1)
+    status = cluster.wait_for_job(job_id)
+    assert status.state == "finished" and status.succeeded == total
+    settled_exactly_once(cluster, job_id, total)
+    assert job_meta(cluster, job_id, "restored_items") == str(total)
+    assert reaper_ran_clean(cluster)
