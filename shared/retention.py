@@ -26,6 +26,8 @@ from shared.store import JobStore, now_ms
 
 EXPIRED_BATCH = 1000
 STREAM_PAGE = 1000
+# The job's creation time is the submitter's clock, stream ids are Redis's: allow them to disagree.
+CLOCK_SKEW_MS = 60_000
 
 DeleteAction = Literal["delete", "cancel_then_delete", "refuse"]
 
@@ -66,13 +68,13 @@ async def delete_job(store: JobStore, job_id: str, *, force: bool = False) -> Jo
             status = await cancel_job(store, job_id, run_reduce=False)
         case "delete":
             pass
-    await purge(store, job_id)
+    await purge(store, job_id, since_ms=status.created_at_ms)
     return status
 
 
-async def purge(store: JobStore, job_id: str) -> None:
+async def purge(store: JobStore, job_id: str, since_ms: int = 0) -> None:
     """Remove every trace of the job: its keys, its idempotency key, its leases, its members of the
-    global sets, and its events in the global stream."""
+    global sets, and its events in the global stream (none older than ``since_ms``, its creation)."""
     jk = store.keys.job(job_id)
     keys = store.keys
     script = store.client.register_script(load_lua("delete"))
@@ -89,13 +91,14 @@ async def purge(store: JobStore, job_id: str) -> None:
         ],
         args=[job_id],
     )
-    await drop_global_events(store, job_id)
+    await drop_global_events(store, job_id, since_ms)
 
 
-async def drop_global_events(store: JobStore, job_id: str) -> int:
-    """Delete the job's entries from the global stream (read a page at a time); returns how many."""
+async def drop_global_events(store: JobStore, job_id: str, since_ms: int = 0) -> int:
+    """Delete the job's entries from the global stream, read a page at a time from ``since_ms`` on
+    (stream ids are times: a job has no event before its creation); returns how many."""
     dropped = 0
-    after = "-"
+    after = f"{max(0, since_ms - CLOCK_SKEW_MS)}-0"
     while True:
         page = await store.client.xrange(store.keys.events, min=after, count=STREAM_PAGE)
         if not page:
