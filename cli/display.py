@@ -47,6 +47,8 @@ def print_status(console: Console, job: JobStatus) -> None:
     for name in ("state", "total", "succeeded", "failed", "cancelled", "running", "pending"):
         table.add_row(name, str(getattr(job, name)))
     table.add_row("servers", ", ".join(job.servers))
+    if job.expires_at_ms is not None:
+        table.add_row("expires", ago(job.expires_at_ms, int(time.time() * 1000)))
     if job.restored_items:
         table.add_row("restored_items", str(job.restored_items))
     if job.degraded:
