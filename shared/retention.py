@@ -116,6 +116,7 @@ async def drop_expired(store: JobStore, ttl_s: int) -> int:
     global stream to ``ttl_s`` of history. Returns how many jobs it dropped."""
     keys = store.keys
     due = await store.client.zrangebyscore(keys.expiring, "-inf", now_ms(), start=0, num=EXPIRED_BATCH)
+    gone: list[str] = []
     if due:
         async with store.client.pipeline(transaction=False) as pipe:
             for job_id in due:
@@ -133,4 +134,4 @@ async def drop_expired(store: JobStore, ttl_s: int) -> int:
     horizon = global_events_horizon(now_ms(), ttl_s)
     if horizon is not None:
         await store.client.xtrim(keys.events, minid=horizon, approximate=False)
-    return len(due)
+    return len(gone)
