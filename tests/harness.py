@@ -97,9 +97,16 @@ class Cluster:
         )
 
     def start_workers(
-        self, count: int, *, inside: Sequence[str] = (), loglevel: str = "INFO", **extra_env: str
+        self,
+        count: int,
+        *,
+        inside: Sequence[str] = (),
+        loglevel: str = "INFO",
+        wait: bool = True,
+        **extra_env: str,
     ) -> list[subprocess.Popen[bytes]]:
-        """``inside``: a command prefix the workers run under (``ip netns exec NS`` for a host)."""
+        """``inside``: a command prefix the workers run under (``ip netns exec NS`` for a host);
+        ``wait``: return once every live worker heartbeats (else at once)."""
         started = []
         for i in range(count):
             log = open(self.config_file.parent / f"worker-{len(self.workers)}.log", "wb")  # noqa: SIM115
@@ -123,7 +130,8 @@ class Cluster:
                 )
             )
             self.workers.append(started[-1])
-        self.run(self.wait_for_workers(len([w for w in self.workers if w.poll() is None])))
+        if wait:
+            self.run(self.wait_for_workers(len([w for w in self.workers if w.poll() is None])))
         return started
 
     def stop_workers(self) -> None:

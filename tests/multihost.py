@@ -94,9 +94,16 @@ class MultiHostCluster:
     redis: subprocess.Popen[bytes]
     workers_by_host: dict[str, list[subprocess.Popen[bytes]]] = field(default_factory=dict)
 
-    def start_workers(self, host: Host, count: int = 1) -> list[subprocess.Popen[bytes]]:
-        started = self.cluster.start_workers(count, inside=host.argv())
-        self.workers_by_host.setdefault(host.label, []).extend(started)
+    def start_workers(self, hosts: Sequence[Host], per_host: int = 1) -> list[subprocess.Popen[bytes]]:
+        """``per_host`` workers on each of ``hosts``, all started before waiting for them."""
+        started = []
+        for host in hosts:
+            on_host = self.cluster.start_workers(per_host, inside=host.argv(), wait=False)
+            self.workers_by_host.setdefault(host.label, []).extend(on_host)
+            started += on_host
+        self.cluster.run(
+            self.cluster.wait_for_workers(len([w for w in self.cluster.workers if w.poll() is None]))
+        )
         return started
 
     def host_of(self, worker_id: str) -> Host | None:
@@ -120,11 +127,14 @@ def multihost_cluster(
     *,
     worker_hosts: Sequence[str] = ("a", "b"),
     extra: str = "",
+    network: Network | None = None,
 ) -> Iterator[MultiHostCluster]:
-    """Build the hosts and start Redis (no workers yet); on exit stop every process by pid and
-    remove every namespace and link, also after a failure."""
+    """Build the hosts (on ``network`` if given, which its owner then closes) and start Redis (no
+    workers yet); on exit stop every process by pid and remove every namespace and link made,
+    also after a failure."""
     with ExitStack() as teardown:
-        network = teardown.enter_context(Network())
+        if network is None:
+            network = teardown.enter_context(Network())
         redis_host = network.add_host("redis")
         hosts = [network.add_host(f"worker-{label}") for label in worker_hosts]
         network.attach_here()

@@ -148,9 +148,10 @@ class Network:
         return host
 
     def attach_here(self) -> str:
-        """Join this process's namespace to the switch; returns its address there."""
-        self._wire("", None, HERE_HOST_NUMBER)
-        self._here_link = f"tsw{self.suffix}h{HERE_HOST_NUMBER}"
+        """Join this process's namespace to the switch (once); returns its address there."""
+        if self._here_link is None:
+            self._wire("", None, HERE_HOST_NUMBER)
+            self._here_link = f"tsw{self.suffix}h{HERE_HOST_NUMBER}"
         return self._address(HERE_HOST_NUMBER)
 
     def cut(self, host: Host) -> None:
