@@ -17,6 +17,7 @@ import httpx2
 import pytest
 from flower.utils.broker import Broker
 
+from cli import commands
 from cli.processes import free_port, stop_processes, wait_for_port
 from shared.errors import RedisAuthFailed, RedisUnavailable
 from shared.keys import Keys
@@ -65,22 +66,19 @@ def start_cli(cluster: Cluster, *args: str, **env: str) -> subprocess.Popen[str]
 def test_a_job_through_redis_with_a_password_and_an_acl_user(
     password_server: PasswordRedis, demo_http_url: str, tmp_path: Path, stop_workers: list[Cluster]
 ) -> None:
-    # The worker signs in as the ACL user; the CLI as the default user, with requirepass's password.
+    # The worker signs in as the ACL user; the submit (the CLI's own function, in this process) as the
+    # default user, with requirepass's password.
     worker_url = password_server.url(user=password_server.user, password=password_server.user_password)
     cluster = make_cluster(tmp_path, worker_url, {"demo": http_demo(demo_http_url)})
     stop_workers.append(cluster)
     cluster.start_workers(1)
 
-    submit = start_cli(
-        cluster, "submit", str(items_file(tmp_path)), "--server", "demo", "--json",
-        TOOLSWARM_REDIS_URL=password_server.url(),
-    )  # fmt: skip
-    out, err = submit.communicate(timeout=CLI_TIMEOUT_S)
-    assert submit.returncode == 0, err
-    status = cluster.wait_for_job(json.loads(out)["job_id"])
+    as_default_user = cluster.settings.model_copy(update={"redis_url": password_server.url()})
+    submitted = commands.submit(as_default_user, items_file(tmp_path), server="demo")
+    status = cluster.wait_for_job(submitted.job_id)
     assert (status.succeeded, status.failed) == (ITEMS, 0)
 
-    logs = cluster.worker_logs(tail=1_000_000) + out + err
+    logs = cluster.worker_logs(tail=1_000_000)
     assert password_server.user_password not in logs and password_server.password not in logs
     assert f"redis://{password_server.user}:**@127.0.0.1:{password_server.port}" in logs  # Celery's banner
 
