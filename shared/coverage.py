@@ -124,6 +124,33 @@ async def read_coverage(store: JobStore, job_id: str) -> JobCoverage | None:
     )
 
 
+class BrokerReading:
+    """What the broker shows in one pass: the ids of the chunks it holds (Redis), or where it
+    cannot list them (AMQP) its queues' depths, read at most once and only if an idle job asks."""
+
+    def __init__(self, store: JobStore, settings: Settings, in_broker: BrokerView | None) -> None:
+        self.store = store
+        self.settings = settings
+        self.in_broker = in_broker
+        self._waiting: Mapping[str, int] | None = None
+        self._waiting_read = False
+
+    async def stranded(self, coverage: JobCoverage) -> list[Chunk]:
+        """The job's outstanding chunks that nothing in the broker covers."""
+        if self.in_broker is not None:
+            return coverage.stranded(self.in_broker)
+        if not coverage.idle:
+            return []
+        if not self._waiting_read:
+            self._waiting = await queue_depths(self.store, self.settings, self.settings.servers)
+            self._waiting_read = True
+        return coverage.stranded_by_depth(self._waiting)
+
+
+async def read_broker(store: JobStore, enqueuer: Enqueuer, settings: Settings) -> BrokerReading:
+    return BrokerReading(store, settings, await broker_view(enqueuer, settings.servers))
+
+
 async def active_jobs(store: JobStore) -> list[str]:
     return sorted(await store.client.smembers(store.keys.active))
 
@@ -189,8 +216,7 @@ async def sweep(store: JobStore, enqueuer: Enqueuer, settings: Settings) -> int:
     """One pass over the running jobs (see the module's text); returns how many items it restored.
     Runs under the reaper's lock, so one process at a time."""
     stranded_ms = int(settings.worker.stranded_after_s * 1000)
-    in_broker = await broker_view(enqueuer, settings.servers)
-    waiting: Mapping[str, int] | None = None  # queue depths, read once and only when a job needs them
+    broker = await read_broker(store, enqueuer, settings)
     restored = 0
     for job_id in await active_jobs(store):
         coverage = await read_coverage(store, job_id)
@@ -203,11 +229,7 @@ async def sweep(store: JobStore, enqueuer: Enqueuer, settings: Settings) -> int:
             await cancel_job(store, job_id, enqueuer)
             continue
         now = now_ms()
-        stranded = coverage.stranded(in_broker)
-        if in_broker is None and coverage.idle:
-            if waiting is None:
-                waiting = await queue_depths(store, settings, settings.servers)
-            stranded = coverage.stranded_by_depth(waiting)
+        stranded = await broker.stranded(coverage)
         uncovered: dict[str, list[int]] = {c.id: c.items for c in stranded}
         if coverage.nothing_outstanding:
             uncovered[WHOLE_JOB] = []

@@ -12,10 +12,10 @@ from collections import Counter
 
 from pydantic import BaseModel, Field
 
-from shared.coverage import WHOLE_JOB, active_jobs, broker_view, read_coverage
+from shared.coverage import WHOLE_JOB, BrokerReading, active_jobs, read_broker, read_coverage
 from shared.errors import JobNotFound
 from shared.fleet import WorkerLife, live_workers
-from shared.jobs import BrokerView, Enqueuer
+from shared.jobs import Enqueuer
 from shared.models import Chunk, ItemSpec, ReduceStatus
 from shared.probes import last_probe
 from shared.settings import Settings
@@ -71,12 +71,12 @@ async def diagnose(
 ) -> Diagnosis:
     """One job, or every job that is not finished."""
     workers = await live_workers(store)
-    in_broker = await broker_view(enqueuer, settings.servers)
+    broker = await read_broker(store, enqueuer, settings)
     job_ids = [job_id] if job_id else await active_jobs(store)
     jobs = []
     for one in job_ids:
         try:
-            diagnosis = await diagnose_job(store, one, in_broker)
+            diagnosis = await diagnose_job(store, one, broker)
         except JobNotFound:
             if job_id:
                 raise
@@ -86,7 +86,7 @@ async def diagnose(
     return Diagnosis(jobs=jobs, workers=workers, stranded_after_s=settings.worker.stranded_after_s)
 
 
-async def diagnose_job(store: JobStore, job_id: str, in_broker: BrokerView | None) -> JobDiagnosis:
+async def diagnose_job(store: JobStore, job_id: str, broker: BrokerReading) -> JobDiagnosis:
     coverage = await read_coverage(store, job_id)
     if coverage is None:
         raise JobNotFound(f"job {job_id} does not exist")
@@ -99,15 +99,19 @@ async def diagnose_job(store: JobStore, job_id: str, in_broker: BrokerView | Non
         settled=coverage.settled,
         unsettled=coverage.unsettled,
         restored_items=int(meta.get("restored_items", 0)),
-        broker_readable=in_broker is not None,
+        broker_readable=broker.in_broker is not None,
         reduce=await store.reduce_status(job_id, meta),
     )
     if coverage.state in ("finished", "cancelled"):
         return diagnosis
     diagnosis.waiting_on_needs = sum(1 for left in await store.client.hvals(jk.waiting) if int(left) > 0)
     settled = await _settled_among(store, job_id, [i for c in coverage.records.values() for i in c.items])
+    stranded = await broker.stranded(coverage)
+    in_broker = broker.in_broker
     for chunk in coverage.records.values():
         open_items = len([i for i in chunk.items if i not in settled])
+        if in_broker is None and chunk in stranded:
+            continue
         if in_broker is None or chunk.id in in_broker.queued:
             bucket = diagnosis.queued
         elif chunk.id in in_broker.delivered:
@@ -121,7 +125,7 @@ async def diagnose_job(store: JobStore, job_id: str, in_broker: BrokerView | Non
         diagnosis.backlog.items += len(Chunk.model_validate_json(raw).items)
     await _leases(store, job_id, diagnosis)
     now = now_ms()
-    for chunk in coverage.stranded(in_broker):
+    for chunk in stranded:
         open_items = len([i for i in chunk.items if i not in settled])
         diagnosis.uncovered.chunks += 1
         diagnosis.uncovered.items += open_items

@@ -273,6 +273,11 @@ def test_chunks_purged_from_the_queue_are_enqueued_again_by_the_sweep(
     job_id = submit(cluster, echoes(total))
     rabbit.ctl("purge_queue", Keys(cluster.namespace).queue("demo"))
     assert queued_chunks(cluster) == 0
+    doctor = cluster.cli("doctor", job_id, "--json")
+    assert doctor.returncode == 0, doctor.stderr
+    (seen,) = json.loads(doctor.stdout)["jobs"]
+    assert not seen["broker_readable"] and seen["queued"]["chunks"] == 0
+    assert (seen["uncovered"]["chunks"], seen["uncovered"]["items"]) == (3, total)
     cluster.start_workers(1)
     status = cluster.wait_for_job(job_id)
     assert status.state == "finished" and status.succeeded == total
