@@ -21,7 +21,8 @@ from shared.store import JobStore
 from tests.harness import Cluster, http_demo, make_cluster, wait_until
 from tests.rabbit import RabbitNode, rabbitmq_missing, rabbitmq_node
 
-pytestmark = pytest.mark.integration
+# One xdist worker runs them all (make test distributes by group), so one RabbitMQ node starts.
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("rabbitmq")]
 
 FAST_LEASES = """
 [worker]
