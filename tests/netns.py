@@ -5,9 +5,12 @@ interface of this machine uses. Each :meth:`Network.add_host` is a namespace joi
 by a veth pair; :meth:`Network.attach_here` joins the calling process's own namespace the same
 way, so a test can reach what runs inside. :meth:`Network.cut` takes a host's port on the switch
 down (its packets are dropped, as in a real partition: nothing tells its TCP connections) and
-:meth:`Network.heal` brings it back. Names carry a random suffix, so two runs never collide, and
+:meth:`Network.heal` brings it back.
+
+Names carry the creating process's pid and a random suffix, so two runs never collide.
 :meth:`Network.close` removes every namespace and link it made (the caller stops its processes
-first, by pid).
+first, by pid). What runs in a host is killed when the process that started it dies, and a new
+Network removes the namespaces left by runs whose process is gone.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -25,6 +29,11 @@ from types import TracebackType
 from typing import Any
 
 HERE_HOST_NUMBER = 254  # the calling process's address on the switch is .254
+PREFIX = "tsw"
+OWNED = re.compile(rf"^{PREFIX}-(\d+)-[0-9a-f]+-")
+# Run in a host, a program gets SIGKILL when the process that started it dies (setpriv execs it,
+# and ip netns exec execs setpriv, so the pid stays the program's).
+DIES_WITH_PARENT = ["setpriv", "--pdeathsig", "KILL", "--"] if shutil.which("setpriv") else []
 
 
 def unavailable_reason() -> str | None:
@@ -35,7 +44,7 @@ def unavailable_reason() -> str | None:
         return "network namespaces need root (ip netns add)"
     if shutil.which("ip") is None:
         return "the `ip` command (iproute2) is not installed"
-    probe = f"tsw-probe-{secrets.token_hex(3)}"
+    probe = f"{PREFIX}-probe-{secrets.token_hex(3)}"
     made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
     if made.returncode != 0:
         return f"`ip netns add` fails here: {made.stderr.strip()}"
@@ -49,6 +58,29 @@ def ip(*args: str, netns: str | None = None) -> None:
     done = subprocess.run(argv, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)}: {done.stderr.strip()}")
+
+
+def remove_stale_namespaces() -> list[str]:
+    """Delete the namespaces of Networks whose creating process is gone; returns their names."""
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    stale = []
+    for line in listed.splitlines():
+        name = line.split()[0] if line.split() else ""
+        owner = OWNED.match(name)
+        if owner is not None and not pid_alive(int(owner.group(1))):
+            subprocess.run(["ip", "netns", "delete", name], capture_output=True)
+            stale.append(name)
+    return stale
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def used_networks() -> list[ipaddress.IPv4Network]:
@@ -88,8 +120,8 @@ class Host:
     switch_port: str  # its veth end on the switch: down means partitioned
 
     def argv(self, *argv: str) -> list[str]:
-        """``argv`` run inside this host (``ip netns exec`` execs it: the pid is the program's)."""
-        return ["ip", "netns", "exec", self.netns, *argv]
+        """``argv`` run inside this host, the pid being the program's (see DIES_WITH_PARENT)."""
+        return ["ip", "netns", "exec", self.netns, *DIES_WITH_PARENT, *argv]
 
     def popen(self, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[bytes]:
         return subprocess.Popen(self.argv(*argv), **kwargs)
@@ -99,9 +131,11 @@ class Network:
     """A switch and the hosts on it; see the module's text."""
 
     def __init__(self) -> None:
+        remove_stale_namespaces()
         self.suffix = secrets.token_hex(3)
         self.subnet = free_subnet()
-        self.switch_netns = f"tsw-{self.suffix}-switch"
+        self.netns_prefix = f"{PREFIX}-{os.getpid()}-{self.suffix}"
+        self.switch_netns = f"{self.netns_prefix}-switch"
         self.hosts: list[Host] = []
         self._here_link: str | None = None
         self._made_netns: list[str] = []
@@ -124,8 +158,8 @@ class Network:
     def _wire(self, inside: str, netns: str | None, number: int) -> str:
         """A veth pair from the switch to ``netns`` (None: this process's own), its end there named
         ``inside`` with address .``number``; returns the switch-side end's name."""
-        port = f"tsw{self.suffix}p{number}"  # interface names are at most 15 characters
-        outer = f"tsw{self.suffix}h{number}"
+        port = f"{PREFIX}{self.suffix}p{number}"  # interface names are at most 15 characters
+        outer = f"{PREFIX}{self.suffix}h{number}"
         ip("link", "add", outer, "type", "veth", "peer", "name", port)
         ip("link", "set", port, "netns", self.switch_netns)
         ip("link", "set", port, "master", "br0", netns=self.switch_netns)
@@ -140,7 +174,7 @@ class Network:
 
     def add_host(self, label: str) -> Host:
         number = len(self.hosts) + 1
-        netns = f"tsw-{self.suffix}-{label}"
+        netns = f"{self.netns_prefix}-{label}"
         self._netns(netns)
         port = self._wire("eth0", netns, number)
         host = Host(label=label, netns=netns, address=self._address(number), switch_port=port)
@@ -151,7 +185,7 @@ class Network:
         """Join this process's namespace to the switch (once); returns its address there."""
         if self._here_link is None:
             self._wire("", None, HERE_HOST_NUMBER)
-            self._here_link = f"tsw{self.suffix}h{HERE_HOST_NUMBER}"
+            self._here_link = f"{PREFIX}{self.suffix}h{HERE_HOST_NUMBER}"
         return self._address(HERE_HOST_NUMBER)
 
     def cut(self, host: Host) -> None:
