@@ -450,7 +450,7 @@ def worker(
 
             serve_worker_metrics(celery_app, config.worker.metrics_address, config.worker.metrics_port)
         quiet = quiet or config.log_format == "json"  # the banner is not JSON
-        prepare_worker_output(celery_app, config, quiet=quiet)
+        prepare_worker_output(config, loglevel=loglevel, quiet=quiet)
         celery_app.worker_main(argv=worker_argv(config, hostname=hostname, loglevel=loglevel, quiet=quiet))
 
 

@@ -9,7 +9,6 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
-from celery import Celery
 from celery.exceptions import SecurityWarning
 from celery.signals import setup_logging, worker_ready, worker_shutting_down
 
@@ -24,7 +23,7 @@ CELERY_TASK_LOGGERS = ("celery.worker.strategy", "celery.app.trace")
 CHUNK_KWARGS = re.compile(r"'job_id': '(?P<job_id>[^']*)', 'server': '(?P<server>[^']*)'")
 
 
-def prepare_worker_output(app: Celery, settings: Settings, *, quiet: bool = False) -> None:
+def prepare_worker_output(settings: Settings, *, loglevel: str = "INFO", quiet: bool = False) -> None:
     """Call before ``worker_main``: quiet Celery's root warning; in JSON mode make every line the
     worker writes (Celery's included) a JSON object; when ``quiet`` (no banner: JSON mode, or a
     worker that ``up`` or ``demo`` supervises) say nothing on stdout at shutdown either."""
@@ -35,8 +34,11 @@ def prepare_worker_output(app: Celery, settings: Settings, *, quiet: bool = Fals
         "ignore", message="You're running the worker with superuser privileges", category=SecurityWarning
     )
     if settings.log_format == "json":
-        # Receivers of setup_logging replace Celery's own logging set-up (and its redirection of
-        # stdout, which would turn stdio MCP servers' stderr into a proxy without a file number).
+        # At once, so that whatever is written before Celery sets up logging (a warning while the
+        # worker starts) is JSON too; and as Celery's set-up: receivers of setup_logging replace
+        # Celery's own (and its redirection of stdout, which would turn stdio MCP servers' stderr
+        # into a proxy without a file number).
+        _configure_json_logs(loglevel.upper())
         setup_logging.connect(_configure_json_logs, weak=False, dispatch_uid="toolswarm-json-logs")
     if quiet:
         worker_ready.connect(_quiet_shutdown_notice, weak=False, dispatch_uid="toolswarm-quiet")
@@ -46,7 +48,9 @@ def prepare_worker_output(app: Celery, settings: Settings, *, quiet: bool = Fals
 def _configure_json_logs(loglevel: int | str | None = None, **_: Any) -> None:
     use_json_logs(loglevel or logging.INFO)
     for name in CELERY_TASK_LOGGERS:
-        logging.getLogger(name).addFilter(CeleryTaskLines())
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, CeleryTaskLines) for f in logger.filters):
+            logger.addFilter(CeleryTaskLines())
 
 
 def _quiet_shutdown_notice(sender: Any = None, **_: Any) -> None:
