@@ -6,6 +6,7 @@ import itertools
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections import defaultdict
@@ -265,3 +266,7 @@ def test_demo_runs_a_pipeline_and_reports_by_step(tmp_path: Path) -> None:
     cells = " ".join(out.stdout.replace("│", " ").split())
     for row in ("fetch 117 0 3 0", "parse 117 0 0 3", "fetch tool_error 3"):
         assert row in cells, out.stdout
+    # Where each part runs, and no warning or notice from the libraries beneath.
+    assert "toolswarm demo: Redis redis://127.0.0.1:" in text, out.stdout
+    assert "demo MCP server over stdio" in text and f"workers 1 ready: demo0@{socket.gethostname()}" in text
+    assert not {"superuser", "Warning", "Warm shutdown"} & set((out.stdout + out.stderr).split()), out
