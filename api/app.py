@@ -22,6 +22,7 @@ from shared.context import ContextStore, SessionContext, open_context_store
 from shared.embedded import redis_url
 from shared.errors import InvalidSessionId, JobNotFound, JobRunning, JobSpecError, RedisUnavailable
 from shared.fleet import ServerView, WorkerLife, live_workers, server_views
+from shared.holds import with_holds
 from shared.jobs import Enqueuer, resolve_items, submit_job
 from shared.keys import Keys
 from shared.models import JobState, JobStatus, ResultRecord
@@ -162,7 +163,7 @@ def create_api(
 
     @api.get("/v1/jobs/{job_id}", response_model=JobStatus, dependencies=[Auth])
     async def get_job(job_id: str) -> JobStatus:
-        return await store().status(job_id)
+        return await with_holds(store(), settings, await store().status(job_id))
 
     @api.get("/v1/jobs/{job_id}/results", response_model=ResultsPage, dependencies=[Auth])
     async def get_results(

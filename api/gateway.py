@@ -30,6 +30,7 @@ from shared.embedded import redis_url
 from shared.errors import ConfigError, JobNotFound, JobSpecError, RedisUnavailable, ToolswarmError
 from shared.fleet import Fleet, fleet
 from shared.handoff import HandoffEnvelope, HandoffReceipt, HandoffStore, receive, token_digest
+from shared.holds import with_holds
 from shared.jobs import Enqueuer, resolve_items
 from shared.keys import Keys
 from shared.models import ItemError, ItemSpec, JobSpec, JobState, JobStatus, PipelineSpec, ReduceSpec
@@ -359,7 +360,7 @@ def register_tools(server: MCPServer, gateway: Gateway) -> None:
         """A job's state and counts: succeeded, failed, cancelled, running, pending; its failures by
         step and error type; its reduce."""
         with as_tool_errors():
-            return await gateway.store.status(job_id)
+            return await with_holds(gateway.store, gateway.settings, await gateway.store.status(job_id))
 
     @server.tool()
     async def job_results(

@@ -22,6 +22,7 @@ from shared.embedded import redis_url
 from shared.errors import ConfigError, JobSpecError
 from shared.fleet import Fleet
 from shared.fleet import fleet as read_fleet
+from shared.holds import with_holds
 from shared.jobs import (
     Enqueuer,
     Submitted,
@@ -132,7 +133,7 @@ def doctor(settings: Settings, job_id: str | None) -> Diagnosis:
 def status(settings: Settings, job_id: str) -> JobStatus:
     async def go() -> JobStatus:
         async with open_store(settings) as store:
-            return await store.status(job_id)
+            return await with_holds(store, settings, await store.status(job_id))
 
     return asyncio.run(go())
 

@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from shared.models import JobStatus
-from shared.redaction import redacted_url
+from shared.redaction import endpoint_of
 from shared.settings import Settings
 
 if TYPE_CHECKING:  # the doctor's models import the whole engine: not for every command's start-up
@@ -49,6 +49,8 @@ def print_status(console: Console, job: JobStatus) -> None:
     table.add_row("servers", ", ".join(job.servers))
     if job.expires_at_ms is not None:
         table.add_row("expires", ago(job.expires_at_ms, int(time.time() * 1000)))
+    if job.held:
+        table.add_row("held", f"{job.held} ({job.held_reason})")
     if job.restored_items:
         table.add_row("restored_items", str(job.restored_items))
     if job.degraded:
@@ -164,7 +166,7 @@ def print_servers(console: Console, settings: Settings, fleet: Fleet) -> None:
         table.add_column(column)
     for view in fleet.servers:
         server = settings.servers[view.name]
-        endpoint = redacted_url(server.url) if server.url else " ".join([server.command or "", *server.args])
+        endpoint = endpoint_of(server)
         table.add_row(
             view.name,
             server.transport,
@@ -172,9 +174,12 @@ def print_servers(console: Console, settings: Settings, fleet: Fleet) -> None:
             str(server.max_concurrency),
             str(view.in_flight),
             "unknown" if view.queued_chunks is None else str(view.queued_chunks),
-            probe_text(view.probe),
+            probe_text(view.probe) if view.probe is None or view.probe.ok else "[red]down[/red]",
         )
     console.print(table)
+    for view in fleet.servers:
+        if view.probe is not None and not view.probe.ok:
+            console.print(f"{view.name}: {probe_text(view.probe)}", highlight=False, soft_wrap=True)
     console.print(
         f"{len(fleet.workers)} live worker process(es): " + ", ".join(w.worker for w in fleet.workers)
     )
@@ -209,7 +214,9 @@ def probe_text(probe: ProbeResult | None) -> str:
         return "not probed yet"
     if probe.ok:
         return f"[green]ok[/green] {probe.latency_ms:.0f} ms, {probe.tool_count} tools"
-    return f"[red]down[/red]: {probe.error}"
+    kind = f" ({probe.error_type})" if probe.error_type else ""
+    down_for = ago(probe.down_since_ms or probe.at_ms, int(time.time() * 1000)).removesuffix(" ago")
+    return f"[red]down[/red] for {down_for}{kind}: {probe.error}"
 
 
 def _count(count: ChunkCount) -> str:

@@ -172,7 +172,7 @@ async def call_with_retries(ctx: ExecutionContext, target: CallTarget) -> CallOu
     async def attempt_once() -> CallResult:
         nonlocal attempts, spent, answering
         if ctx.breaker is not None:
-            answering = await ctx.breaker.route(server, target.tool)
+            answering = await ctx.breaker.route(server, target.tool, (member, target.job_id))
             if answering not in ctx.served:
                 raise AnswerElsewhere(answering)
         async with ctx.call_slot(answering, target.urgent):

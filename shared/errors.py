@@ -140,6 +140,19 @@ class ProtocolError(PermanentError):
     error_type = "protocol_error"
 
 
+class AuthFailed(PermanentError):
+    """The server refused the credentials (HTTP 401 or 403) and nothing toolswarm holds can fix it."""
+
+    error_type = "auth_error"
+
+
+class ServerDown(PermanentError):
+    """The server's probes kept failing for longer than its hold budget (``hold_timeout_s``): its
+    items fail instead of waiting for it forever."""
+
+    error_type = "server_unavailable"
+
+
 class RetriesExhausted(ToolswarmError):
     """A transient failure kept happening until the attempt budget ran out.
 

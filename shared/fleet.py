@@ -27,6 +27,7 @@ class WorkerLife(BaseModel):
     pid: int | None = None
     last_heartbeat_s: float | None = None  # seconds ago; None from a worker too old to say
     started_at: float | None = None  # unix seconds
+    held: dict[str, dict[str, int]] = {}  # items waiting on a down server: job id -> server -> count
 
 
 class ServerView(BaseModel):
@@ -81,6 +82,7 @@ async def live_workers(store: JobStore) -> list[WorkerLife]:
                 pid=record.get("pid"),
                 last_heartbeat_s=None if beat is None else round(max(0.0, now - beat), 1),
                 started_at=record.get("started_at"),
+                held=record.get("held") or {},
             )
         )
     return sorted(workers, key=lambda w: w.worker)

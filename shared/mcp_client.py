@@ -25,6 +25,7 @@ from mcp.shared.exceptions import MCPError
 from mcp_types import CallToolResult, RequestParamsMeta, Tool
 
 from shared.errors import (
+    AuthFailed,
     CallTimeout,
     PermanentError,
     ProtocolError,
@@ -93,6 +94,9 @@ def classify_mcp_error(exc: MCPError, config: ServerConfig) -> ToolswarmError:
     return ProtocolError(f"server error {exc.code}: {exc.message}")
 
 
+AUTH_STATUSES = (401, 403)
+
+
 def http_status_of(exc: BaseException) -> int | None:
     """The HTTP status behind a transport error, looking inside exception groups."""
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
@@ -106,6 +110,8 @@ def classify_transport_error(server: str, exc: BaseException) -> ToolswarmError:
     """HTTP 4xx: the request is wrong, retrying cannot help. 5xx and everything else (refused
     connections, broken streams): transient, and the session is replaced."""
     status = http_status_of(exc)
+    if status in AUTH_STATUSES:
+        return AuthFailed(f"server {server!r} answered HTTP {status}: {describe(exc)}")
     if status is not None and 400 <= status < 500 and status not in (408, 429):
         return ProtocolError(f"server {server!r} answered HTTP {status}: {describe(exc)}")
     if status is not None and status >= 500:
@@ -121,10 +127,18 @@ def to_call_result(result: CallToolResult) -> CallResult:
     )
 
 
+async def refuse_unauthorized(response: httpx2.Response) -> None:
+    """Raise on HTTP 401/403: the SDK would turn them into a bare "Server returned an error
+    response" and the status, which makes the failure an ``auth_error``, would be lost."""
+    if response.status_code in AUTH_STATUSES:
+        response.raise_for_status()
+
+
 def http_client_for(config: ServerConfig) -> httpx2.AsyncClient:
     """The HTTP client of one server's sessions in one process."""
     return httpx2.AsyncClient(
         headers=config.headers,
+        event_hooks={"response": [refuse_unauthorized]},
         timeout=httpx2.Timeout(config.connect_timeout_s, read=max(300.0, config.timeout_s)),
         limits=httpx2.Limits(
             max_connections=100,
@@ -209,7 +223,8 @@ def describe(exc: BaseException | None) -> str:
         return "unknown error"
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = exc.exceptions[0]
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    text = str(exc).strip().splitlines()  # one line: httpx appends a line of advice to its message
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 class ServerPool:

@@ -290,6 +290,10 @@ class JobStatus(BaseModel):
     state_mode: StateMode = "cas"
     # Items the coverage sweep found covered by nothing (no queued chunk, backlog or lease) and ran again.
     restored_items: int = 0
+    # Items waiting on a server whose probes fail (as the workers' heartbeats report them), and why;
+    # filled where a status is shown (shared/holds.py), 0 elsewhere.
+    held: int = 0
+    held_reason: str | None = None
     # Items that succeeded with a non-critical step degraded to its fallback.
     degraded: int = 0
     failures: list[FailureCount] = Field(default_factory=list)  # most frequent first

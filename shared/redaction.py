@@ -8,7 +8,11 @@ so the redacted URL still says which host, port, database and CA file were meant
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    from shared.settings import ServerConfig
 
 MASK = "***"
 SECRET_QUERY_WORDS = ("password", "passwd", "token", "secret")
@@ -40,3 +44,10 @@ def _redacted_parameter(parameter: str) -> str:
     if has_value and any(word in name.lower() for word in SECRET_QUERY_WORDS):
         return f"{name}={MASK}"
     return parameter
+
+
+def endpoint_of(config: ServerConfig) -> str:
+    """Where a server is, as output may show it: its command line, or its URL without secrets."""
+    if config.url:
+        return redacted_url(config.url)
+    return " ".join([config.command or "", *config.args])

@@ -72,6 +72,9 @@ class ServerConfig(_Strict):
     # While this server's breaker is open (its probe failing), its calls go to the first healthy
     # server of this list that lists the same tool, instead of waiting.
     standby: list[str] = Field(default_factory=list)
+    # While its probes fail, the server's items wait (held, spending no attempt); once it has been
+    # down this long they fail instead (server_unavailable, or auth_error after a 401/403).
+    hold_timeout_s: float = Field(default=600.0, gt=0)
 
     @model_validator(mode="after")
     def _endpoint_matches_transport(self) -> ServerConfig:

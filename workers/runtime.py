@@ -152,6 +152,8 @@ class WorkerRuntime:
                     "pid": self.pid,
                     "started_at": started_at,
                     "beat_at": time.time(),
+                    # Items waiting on a down server, by job and server: what `status` shows as held.
+                    "held": ctx.breaker.held() if ctx.breaker is not None else {},
                 }
                 await ctx.store.client.set(
                     key, json.dumps(record), ex=max(HEARTBEAT_TTL_S, int(worker.lease_s * 2))

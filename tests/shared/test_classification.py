@@ -13,6 +13,7 @@ from mcp_types import CallToolResult, TextContent
 
 from shared.calls import error_of, retrying, tool_error_of
 from shared.errors import (
+    AuthFailed,
     CallTimeout,
     ConfigError,
     PermanentError,
@@ -422,7 +423,8 @@ class _HTTPError(Exception):
     ("exc", "expected"),
     [
         (_HTTPError(400), ProtocolError),
-        (_HTTPError(401), ProtocolError),
+        (_HTTPError(401), AuthFailed),
+        (_HTTPError(403), AuthFailed),
         (_HTTPError(404), ProtocolError),
         (_HTTPError(429), ServerUnavailable),
         (_HTTPError(500), ServerError),
@@ -439,4 +441,4 @@ def test_transport_errors_are_classified_by_http_status(
 
     error = classify_transport_error("s", exc)
     assert type(error) is expected
-    assert error.retryable is (expected is not ProtocolError)
+    assert error.retryable is (expected not in (ProtocolError, AuthFailed))
