@@ -16,26 +16,16 @@ from types import MappingProxyType
 
 LogValue = str | int
 
-# The attributes a record may carry (a JSON line shows those that are set).
-LOG_CONTEXT_FIELDS = ("job_id", "chunk", "item", "server", "step")
-
 _NOTHING: Mapping[str, LogValue] = MappingProxyType({})
 _bound: contextvars.ContextVar[Mapping[str, LogValue]] = contextvars.ContextVar(
     "toolswarm_log_context", default=_NOTHING
 )
 
 
-def current_log_context() -> Mapping[str, LogValue]:
-    return _bound.get()
-
-
 def bind(**fields: LogValue) -> contextvars.Token[Mapping[str, LogValue]]:
-    """Add ``fields`` to the log context of this task or thread until the token is reset."""
+    """Add ``fields`` (job_id, chunk, item, server, step) to the log context of this task or
+    thread, until the token is reset."""
     return _bound.set({**_bound.get(), **fields})
-
-
-def unbind(token: contextvars.Token[Mapping[str, LogValue]]) -> None:
-    _bound.reset(token)
 
 
 class BoundFields:
