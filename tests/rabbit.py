@@ -56,14 +56,32 @@ class RabbitNode:
             parts.append(f"--- {log.name}\n{log.read_text(errors='replace')[-chars:]}")
         return "\n".join(parts)
 
-    def queue_arguments(self, queue: str) -> dict[str, object]:
-        """The arguments a queue was declared with, as the node reports them (rabbitmqctl)."""
-        out = self.ctl("list_queues", "--quiet", "--no-table-headers", "name", "arguments")
-        for line in out.splitlines():
-            name, _, arguments = line.partition("\t")
-            if name == queue:
-                return _parse_arguments(arguments)
-        raise KeyError(f"no queue {queue!r} on {self.node_name}: {out!r}")
+    def connect(self) -> amqp.Connection:
+        connection = amqp.Connection(host=f"127.0.0.1:{self.port}", userid="guest", password="guest")
+        connection.connect()
+        return connection
+
+    def declared_with(self, queue: str, arguments: dict[str, object]) -> bool:
+        """Whether the durable queue exists with exactly these of the arguments RabbitMQ checks for
+        equivalence (x-max-priority among them): a redeclare that differs is refused."""
+        connection = self.connect()
+        try:
+            channel = connection.channel()
+            try:
+                channel.queue_declare(queue, durable=True, auto_delete=False, arguments=arguments)
+            except amqp.exceptions.PreconditionFailed:
+                return False
+            return True
+        finally:
+            connection.close()
+
+    def purge(self, queue: str) -> int:
+        """Delete the queue's ready messages, as an operator's purge does; returns how many."""
+        connection = self.connect()
+        try:
+            return int(connection.channel().queue_purge(queue))
+        finally:
+            connection.close()
 
     def ctl(self, *args: str) -> str:
         done = subprocess.run(
@@ -82,16 +100,6 @@ class RabbitNode:
 def _epmd_port(epmd: subprocess.Popen[bytes]) -> int:
     args = [str(a) for a in epmd.args]  # type: ignore[union-attr]
     return int(args[args.index("-port") + 1])
-
-
-def _parse_arguments(text: str) -> dict[str, object]:
-    """rabbitmqctl prints arguments as ``[{"x-max-priority",9}]``."""
-    found: dict[str, object] = {}
-    for pair in text.strip().strip("[]").split("},"):
-        key, _, value = pair.strip().strip("{}").partition(",")
-        if key:
-            found[key.strip('"')] = int(value) if value.isdigit() else value.strip('"')
-    return found
 
 
 def _node_env(base: Path, node_name: str, port: int, dist_port: int, epmd_port: int) -> dict[str, str]:

@@ -136,7 +136,8 @@ def test_a_job_runs_over_rabbitmq_and_a_small_one_is_not_stuck_behind_a_huge_one
     # A window of each job's chunks waits in the server's queue (declared with priorities, its
     # depth read over AMQP), the small job's behind the huge one's, the rest in their backlogs.
     assert queued_chunks(cluster) == 8
-    assert rabbit.queue_arguments(Keys(cluster.namespace).queue("demo")).get("x-max-priority") == 9
+    queue = Keys(cluster.namespace).queue("demo")
+    assert rabbit.declared_with(queue, {"x-max-priority": 9}) and not rabbit.declared_with(queue, {})
     cluster.start_workers(1)
     status = cluster.wait_for_job(small_id)
     assert status.state == "finished" and status.succeeded == total
@@ -272,7 +273,7 @@ def test_chunks_purged_from_the_queue_are_enqueued_again_by_the_sweep(
     stop_workers.append(cluster)
     total = 30
     job_id = submit(cluster, echoes(total))
-    rabbit.ctl("purge_queue", Keys(cluster.namespace).queue("demo"))
+    assert rabbit.purge(Keys(cluster.namespace).queue("demo")) == 3
     assert queued_chunks(cluster) == 0
     doctor = cluster.cli("doctor", job_id, "--json")
     assert doctor.returncode == 0, doctor.stderr
