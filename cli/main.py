@@ -16,6 +16,7 @@ from rich.console import Console
 
 from cli import display
 from shared.errors import ToolswarmError
+from shared.redaction import redacted
 from shared.settings import CONFIG_ENV, Settings, load_settings
 
 if TYPE_CHECKING:
@@ -76,7 +77,7 @@ def _errors_as_one_line() -> Iterator[None]:
     try:
         yield
     except (ToolswarmError, Failure) as exc:
-        err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error:[/red] {redacted(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
 
 

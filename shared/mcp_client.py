@@ -36,6 +36,7 @@ from shared.errors import (
 )
 from shared.log_context import detached_context
 from shared.models import CallResult
+from shared.redaction import redacted
 from shared.settings import ServerConfig
 
 log = logging.getLogger(__name__)
@@ -224,7 +225,7 @@ def describe(exc: BaseException | None) -> str:
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = exc.exceptions[0]
     text = str(exc).strip().splitlines()  # one line: httpx appends a line of advice to its message
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+    return redacted(f"{type(exc).__name__}: {text[0]}") if text else type(exc).__name__
 
 
 class ServerPool:

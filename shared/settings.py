@@ -27,6 +27,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from shared.errors import ConfigError
 from shared.interpolation import interpolate
+from shared.redaction import register_secrets
 
 CONFIG_ENV = "TOOLSWARM_CONFIG"
 DEFAULT_CONFIG_FILE = "toolswarm.toml"
@@ -268,10 +269,12 @@ def load_settings(path: str | Path | None = None) -> Settings:
             raise ConfigError(f"config file {resolved} does not exist") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {resolved}: invalid TOML: {exc}") from None
+        secrets: set[str] = set()
         try:
-            data = interpolate(data, os.environ)
+            data = interpolate(data, os.environ, read=secrets)
         except ConfigError as exc:
             raise ConfigError(f"config file {resolved}: {exc}") from None
+        register_secrets(secrets)
     try:
         return Settings(**data)
     except ValidationError as exc:

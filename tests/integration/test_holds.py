@@ -5,11 +5,12 @@ permanent error once the hold budget is spent; the job finishes instead of runni
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from rich.console import Console
@@ -22,13 +23,17 @@ from tests.harness import Cluster, make_cluster, wait_until
 
 pytestmark = pytest.mark.integration
 
+SECRET = "s3cr3t-token-that-must-never-show"
 HOLD_S = 15  # counted from the outage's first failed probe, cluster-wide
 
 
 class Refusing(BaseHTTPRequestHandler):
     """What a hosted MCP server says to a client without valid credentials."""
 
+    tokens_seen: ClassVar[set[str]] = set()
+
     def refuse(self) -> None:
+        self.tokens_seen.add(self.headers.get("Authorization", ""))
         body = b'{"error": "invalid_token"}'
         self.send_response(401)
         self.send_header("WWW-Authenticate", 'Bearer error="invalid_token"')
@@ -69,13 +74,25 @@ def test_items_of_servers_that_never_answer_are_held_then_fail_typed(
     redis_url: str, refusing_url: str, tmp_path: Path, stop_workers: list[Cluster]
 ) -> None:
     servers = {
-        "ghost": {"transport": "stdio", "command": "toolswarm-no-such-mcp-server", "hold_timeout_s": HOLD_S},
-        "locked": {"transport": "http", "url": refusing_url, "hold_timeout_s": HOLD_S},
+        "ghost": {
+            "transport": "stdio",
+            "command": "toolswarm-no-such-mcp-server",
+            "args": ["--token", "${HOLDS_TEST_TOKEN}"],
+            "hold_timeout_s": HOLD_S,
+        },
+        "locked": {
+            "transport": "http",
+            "url": refusing_url + "?api_key=${HOLDS_TEST_TOKEN}",
+            "headers": {"Authorization": "Bearer ${HOLDS_TEST_TOKEN}"},
+            "hold_timeout_s": HOLD_S,
+        },
     }
     cluster = make_cluster(
         tmp_path, redis_url, servers, extra="[worker]\nchunk_size = 5\n[probes]\nunhealthy_interval_s = 0.5\n"
     )
     stop_workers.append(cluster)
+    cluster.env["HOLDS_TEST_TOKEN"] = SECRET
+    os.environ["HOLDS_TEST_TOKEN"] = SECRET  # for this process's reads of the settings
     items = tmp_path / "items.jsonl"
     items.write_text(
         "".join(
@@ -118,3 +135,11 @@ def test_items_of_servers_that_never_answer_are_held_then_fail_typed(
         assert record["error"]["type"] == "auth_error", record
         assert "401" in record["error"]["message"], record
     assert status(cluster, job_id).held == 0
+
+    # The token was sent (the refusing server saw it) and shows nowhere: not in the servers table,
+    # the status, the results, the workers' logs.
+    assert Refusing.tokens_seen and Refusing.tokens_seen <= {f"Bearer {SECRET}"}
+    shown_everywhere = [servers_out.stdout, reason, out.stdout, cluster.worker_logs(tail=1_000_000)]
+    for text in shown_everywhere:
+        assert SECRET not in text
+    assert "--token ***" in reason + out.stdout

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
 
 from shared.errors import ConfigError
 from shared.interpolation import interpolate
+from shared.redaction import endpoint_of, redacted
 from shared.settings import load_settings
 
 ENVIRON = {"TOKEN": "s3cr3t", "HOST": "mcp.example", "EMPTY": ""}
@@ -82,3 +84,25 @@ def test_the_config_file_is_interpolated_when_it_loads(
     assert str(caught.value) == (
         f"config file {config}: servers.gh.headers.Authorization: environment variable GH_TOKEN is not set"
     )
+
+
+def test_values_read_from_the_environment_are_masked_everywhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = tmp_path / "toolswarm.toml"
+    config.write_text(
+        '[servers.gh]\ntransport = "stdio"\ncommand = "gh-mcp"\nargs = ["--token", "${GH_TOKEN}"]\n'
+        'env = { SHORT = "${GH_SHORT}" }\n'
+    )
+    monkeypatch.setenv("GH_TOKEN", "tok-8f2e91c4")
+    monkeypatch.setenv("GH_SHORT", "ab")
+    server = load_settings(config).servers["gh"]
+    assert server.args == ["--token", "tok-8f2e91c4"]
+    assert endpoint_of(server) == "gh-mcp --token ***"
+    assert redacted("401 for https://api.example/mcp?token=zz (sent tok-8f2e91c4)") == (
+        "401 for https://api.example/mcp?token=*** (sent ***)"
+    )
+    assert redacted("ab is too short to be masked") == "ab is too short to be masked"
+    with caplog.at_level(logging.INFO):
+        logging.getLogger("toolswarm.test").info("calling with %s", "tok-8f2e91c4")
+    assert caplog.records[-1].getMessage() == "calling with ***"
