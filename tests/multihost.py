@@ -46,7 +46,6 @@ def wait_for_tcp(address: str, port: int, timeout: float, process: subprocess.Po
 
 def start_redis(host: Host, workdir: Path) -> subprocess.Popen[bytes]:
     """valkey-server inside ``host``, bound to its switch address only; no persistence."""
-    log = open(workdir / "redis.log", "wb")  # noqa: SIM115 (the server writes it until stopped)
     options = {
         "bind": host.address,
         "port": str(REDIS_PORT),
@@ -56,13 +55,8 @@ def start_redis(host: Host, workdir: Path) -> subprocess.Popen[bytes]:
         "dir": str(workdir),
     }
     argv = [valkey_server_binary(), *(arg for name, value in options.items() for arg in (f"--{name}", value))]
-    process = host.popen(
-        argv,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    return process
+    with open(workdir / "redis.log", "wb") as log:  # the server holds its own copy of the fd
+        return host.popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def listening(host: Host) -> list[str]:
