@@ -235,6 +235,17 @@ def test_unreachable_broker_names_the_url(cluster: Cluster, tmp_path: Path, clie
     assert_nothing_written(client, cluster)
 
 
+def test_unreachable_rabbitmq_names_the_url_without_its_password(
+    cluster: Cluster, tmp_path: Path, client: redis.Redis
+) -> None:
+    port = free_port()
+    cluster.env["TOOLSWARM_BROKER_URL"] = f"amqp://guest:hunter2@127.0.0.1:{port}//"
+    result = cluster.cli("submit", str(write_items(tmp_path, GOOD)), "--server", "demo")
+    assert_one_line_error(result, f"cannot reach the broker at amqp://guest:***@127.0.0.1:{port}//")
+    assert "hunter2" not in result.stderr
+    assert_nothing_written(client, cluster)
+
+
 def test_failed_submit_does_not_poison_its_idempotency_key(
     cluster: Cluster, tmp_path: Path, client: redis.Redis
 ) -> None:
