@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from kombu.connection import Connection
+from kombu.exceptions import OperationalError
 
 from shared.brokers import broker_kind
 from shared.embedded import broker_url
@@ -46,7 +47,7 @@ def amqp_queue_depths(url: str, queues: Mapping[str, str]) -> dict[str, int] | N
     depths: dict[str, int] = {}
     connection: Any = Connection(url, connect_timeout=AMQP_CONNECT_TIMEOUT_S)  # type: ignore[no-untyped-call]
     try:
-        connection.ensure_connection(max_retries=1, timeout=AMQP_CONNECT_TIMEOUT_S)
+        connection.ensure_connection(max_retries=1, interval_start=0, timeout=AMQP_CONNECT_TIMEOUT_S)
         for server, queue in queues.items():
             # A passive declare of a missing queue closes its channel: one channel per queue.
             channel = connection.channel()
@@ -57,7 +58,7 @@ def amqp_queue_depths(url: str, queues: Mapping[str, str]) -> dict[str, int] | N
             finally:
                 if channel.is_open:
                     channel.close()
-    except (*connection.connection_errors, OSError) as exc:
+    except (OperationalError, *connection.connection_errors, OSError) as exc:  # kombu wraps some
         log.debug("cannot read the queues of the broker: %s", exc)
         return None
     finally:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from cli.processes import free_port
+from shared.broker_queues import amqp_queue_depths
 from shared.brokers import AMQP_MAX_PRIORITY, broker_kind, priority_of
 from shared.errors import ConfigError
 from shared.models import Chunk
@@ -45,3 +47,7 @@ def test_amqp_serves_the_highest_number_first_within_the_declared_maximum() -> N
     order = sorted([NEW, ISOLATED, TAKEN_BACK], key=lambda c: -priority_of(c, "amqp"))
     assert order == [TAKEN_BACK, ISOLATED, NEW]
     assert all(0 < priority_of(c, "amqp") <= AMQP_MAX_PRIORITY for c in order)
+
+
+def test_queue_depths_of_an_unreachable_rabbitmq_are_unknown_not_an_error() -> None:
+    assert amqp_queue_depths(f"amqp://guest:guest@127.0.0.1:{free_port()}//", {"demo": "ns.demo"}) is None
