@@ -20,6 +20,7 @@ from shared.models import Chunk, ResultRecord
 from shared.store import JobStore
 from tests.harness import Cluster, http_demo, make_cluster, wait_until
 from tests.rabbit import RabbitNode, rabbitmq_missing, rabbitmq_node
+from workers.app import CeleryEnqueuer, create_app
 
 # One xdist worker runs them all (make test distributes by group), so one RabbitMQ node starts.
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("rabbitmq")]
@@ -221,19 +222,6 @@ def holder_with_items(cluster: Cluster, job_id: str) -> str | None:
     return holder
 
 
-ENQUEUE_URGENT = """
-import json, sys
-from shared.fleet import server_views
-from shared.keys import Keys
-from shared.models import Chunk
-from shared.settings import load_settings
-from workers.app import CeleryEnqueuer, create_app
-settings = load_settings()
-app = create_app(settings)
-CeleryEnqueuer(app, Keys(settings.namespace)).enqueue([Chunk.model_validate_json(sys.argv[1])])
-"""
-
-
 def test_urgent_chunks_run_before_a_queued_backlog(
     redis_url: str, demo_http_url: str, rabbit: RabbitNode, tmp_path: Path, stop_workers: list[Cluster]
 ) -> None:
@@ -245,14 +233,11 @@ def test_urgent_chunks_run_before_a_queued_backlog(
     backlog_id = submit(cluster, echoes(80, "backlog"), "backlog")  # 16 chunks queued, new work
     urgent_id = submit(cluster, echoes(5, "urgent"), "urgent")  # one more, behind them
     urgent = Chunk(job_id=urgent_id, server="demo", items=list(range(5)), urgent=True)
-    sent = subprocess.run(
-        [sys.executable, "-c", ENQUEUE_URGENT, urgent.model_dump_json()],
-        env=cluster.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert sent.returncode == 0, sent.stderr
+    app = create_app(cluster.settings)
+    try:
+        CeleryEnqueuer(app, Keys(cluster.namespace)).enqueue([urgent])
+    finally:
+        app.close()
     cluster.start_workers(1)
     cluster.wait_for_job(urgent_id)
     cluster.wait_for_job(backlog_id)
