@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -25,12 +24,13 @@ def test_small_job_is_not_stuck_behind_a_huge_one(
     small.write_text((json.dumps({"tool": "echo", "arguments": {"text": "hi"}}) + "\n") * 20)
 
     huge_id = json.loads(cluster.cli("submit", str(huge), "--server", "demo", "--json").stdout)["job_id"]
-    submitted = time.monotonic()
     small_id = json.loads(cluster.cli("submit", str(small), "--server", "demo", "--json").stdout)["job_id"]
     small_status = cluster.wait_for_job(small_id, timeout=120)
-    waited = time.monotonic() - submitted
     huge_status = json.loads(cluster.cli("status", huge_id, "--json").stdout)
     assert small_status.succeeded == 20
+    # Behind a first-in-first-out queue the small job would wait for all 5000; here it finishes
+    # while most of the huge one is still to do, however fast or slow the machine is today.
     assert huge_status["state"] == "running", "the huge job was still running when the small one finished"
-    assert waited < 8, f"the small job took {waited:.1f}s behind the huge one"
+    settled = huge_status["succeeded"] + huge_status["failed"]
+    assert settled < 2500, f"the small job finished only after {settled} of the huge job's 5000 items"
     cluster.cli("cancel", huge_id)
