@@ -9,7 +9,8 @@ and again:
 - ``--partition``: each worker runs on a host of its own (a network namespace; Redis and the MCP
   server on two more, see tests/netns.py), and the worker's host is cut off the network for
   ``--partition-s`` seconds, then healed. The worker lives on: its late commits must be refused.
-  At most half of the hosts are cut at once.
+  A healed host counts as down until its worker heartbeats again, and ``--max-down`` [1] hosts
+  are down at once (kill mode, too, takes one worker away at a time).
 
 For every item a disrupted worker held, the time from the disruption until the item started
 again elsewhere is taken from its committed result (finished_at - duration). Duplicate commits
@@ -18,7 +19,8 @@ calls misbehaves, so every one would be a bystander wrongly blamed. Last line:
 ``failover: p99_s=X.X lost=N duplicates=M poison=P``.
 
     python bench/failover.py [--kills 20] [--workers 4] [--items 4000] [--sleep-ms 1000]
-    python bench/failover.py --partition [--partitions 20] [--partition-s 8] ...  (root, Linux)
+    python bench/failover.py --partition [--partitions 20] [--partition-s 8] [--max-down 1]
+        [--items 16000] ...  (root, Linux)
 """
 
 from __future__ import annotations
@@ -49,6 +51,10 @@ from tests.multihost import MultiHostCluster, multihost_cluster, wait_for_tcp
 from tests.netns import Host, Network, unavailable_reason
 
 DEMO_PORT = 8765  # on the MCP host of its own, in --partition mode
+REJOIN_TIMEOUT_S = 120.0
+# A partition takes a host away for --partition-s and one host is down at a time, so 20 of them
+# take about four times as long as 20 kills: the job is as much bigger.
+KILL_ITEMS, PARTITION_ITEMS = 4000, 16000
 
 
 def held_by_worker(cluster: Cluster, job_id: str) -> dict[str, list[int]]:
@@ -90,6 +96,10 @@ class Disruptor(Protocol):
         """End every disruption (at its due time)."""
         ...
 
+    def report(self) -> list[str]:
+        """Lines of its own figures."""
+        ...
+
 
 class Killer:
     """kill -9 of the worker, and a fresh one in its place."""
@@ -117,45 +127,64 @@ class Killer:
     def settle(self) -> None:
         pass
 
+    def report(self) -> list[str]:
+        return []
+
 
 class Partitioner:
-    """The worker's host is cut off the network for ``partition_s``, then healed; at most
-    ``max_cut`` hosts are cut at once."""
+    """The worker's host is cut off the network for ``partition_s``, then healed. A healed host
+    counts as down until its worker heartbeats again (its connections come back only when TCP
+    retransmits), and at most ``max_down`` hosts are down at once."""
 
     what, struck = "partition", "cut-off"
 
-    def __init__(self, hosts: MultiHostCluster, partition_s: float, max_cut: int) -> None:
+    def __init__(self, hosts: MultiHostCluster, partition_s: float, max_down: int) -> None:
         self.hosts = hosts
         self.partition_s = partition_s
-        self.max_cut = max_cut
-        self.heal_at: dict[str, tuple[Host, float]] = {}  # host label -> (host, monotonic heal time)
+        self.max_down = max_down
+        self.cut: dict[str, tuple[Host, str, float]] = {}  # host label -> (host, worker, heal time)
+        self.healed: dict[str, tuple[str, float]] = {}  # host label -> (worker, wall-clock heal time)
+        self.rejoin_s: list[float] = []  # heal → the worker heartbeats again, per partition
 
     def candidates(self, held: dict[str, list[int]]) -> list[str]:
-        if len(self.heal_at) >= self.max_cut:
+        down = self.cut.keys() | self.healed.keys()
+        if len(down) >= self.max_down:
             return []
         return sorted(
             worker
             for worker in held
-            if (host := self.hosts.host_of(worker)) is not None and host.label not in self.heal_at
+            if (host := self.hosts.host_of(worker)) is not None and host.label not in down
         )
 
     def strike(self, worker_id: str) -> str:
         host = self.hosts.host_of(worker_id)
         assert host is not None, worker_id
         self.hosts.network.cut(host)
-        self.heal_at[host.label] = (host, time.monotonic() + self.partition_s)
+        self.cut[host.label] = (host, worker_id, time.monotonic() + self.partition_s)
         return f"host {host.label} (worker {worker_id})"
 
     def tick(self) -> None:
-        for label, (host, due) in list(self.heal_at.items()):
+        for label, (host, worker, due) in list(self.cut.items()):
             if time.monotonic() >= due:
                 self.hosts.network.heal(host)
-                del self.heal_at[label]
+                del self.cut[label]
+                self.healed[label] = (worker, time.time())
+        for label, (worker, healed_at) in list(self.healed.items()):
+            if self.hosts.last_beat(worker) > healed_at:
+                self.rejoin_s.append(time.time() - healed_at)
+                del self.healed[label]
 
     def settle(self) -> None:
-        while self.heal_at:
+        deadline = time.monotonic() + self.partition_s + REJOIN_TIMEOUT_S
+        while (self.cut or self.healed) and time.monotonic() < deadline:
             self.tick()
             time.sleep(0.1)
+
+    def report(self) -> list[str]:
+        if not self.rejoin_s:
+            return []
+        p50, worst = statistics.median(self.rejoin_s), max(self.rejoin_s)
+        return [f"heal → the cut-off worker heartbeats again: p50 {p50:.1f} s, max {worst:.1f} s"]
 
 
 def main() -> None:
@@ -164,14 +193,19 @@ def main() -> None:
     )
     parser.add_argument("--kills", "--partitions", dest="disruptions", metavar="N", type=int, default=20)
     parser.add_argument("--workers", type=int, default=4)
-    parser.add_argument("--items", type=int, default=4000)
+    parser.add_argument(
+        "--items", type=int, help="Items of the job (default 4000; 16000 with --partition: one is slower)"
+    )
     parser.add_argument("--sleep-ms", type=int, default=1000)
     parser.add_argument("--between-kills-s", type=float, default=1.5)
     parser.add_argument(
         "--partition", action="store_true", help="Partition worker hosts instead of killing workers."
     )
     parser.add_argument("--partition-s", type=float, default=8.0, help="How long each partition lasts.")
+    parser.add_argument("--max-down", type=int, default=1, help="Hosts cut off or not yet back at once.")
     args = parser.parse_args()
+    if args.items is None:
+        args.items = PARTITION_ITEMS if args.partition else KILL_ITEMS
 
     with tempfile.TemporaryDirectory(prefix="toolswarm-failover-") as tmp:
         if args.partition:
@@ -216,7 +250,7 @@ def partitioned(args: argparse.Namespace, workdir: Path) -> None:
             labels = [str(i) for i in range(args.workers)]
             with multihost_cluster(workdir, servers, worker_hosts=labels, network=network) as hosts:
                 hosts.start_workers(hosts.worker_hosts)
-                partitioner = Partitioner(hosts, args.partition_s, max_cut=max(1, args.workers // 2))
+                partitioner = Partitioner(hosts, args.partition_s, max_down=args.max_down)
                 try:
                     run(args, workdir, hosts.cluster, partitioner)
                 finally:
@@ -302,6 +336,8 @@ def run(args: argparse.Namespace, workdir: Path, cluster: Cluster, disruptor: Di
         f"late commits refused: {refused}"
     )
     print(f"restored by the coverage sweep: {status.restored_items} items")
+    for line in disruptor.report():
+        print(line)
     if delays:
         p50, p90, worst = statistics.median(delays), percentile(delays, 0.9), max(delays)
         print(f"{what} → started elsewhere: p50 {p50:.1f} s, p90 {p90:.1f} s, max {worst:.1f} s")

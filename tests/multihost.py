@@ -8,6 +8,7 @@ a real network. Used by tests/integration/test_multihost.py and bench/failover.p
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cli.processes import stop_processes
+from shared.store import JobStore
 from tests.harness import Cluster, make_cluster
 from tests.netns import Host, Network
 
@@ -107,6 +109,16 @@ class MultiHostCluster:
             if any(process.pid == pid for process in self.workers_by_host.get(host.label, [])):
                 return host
         return None
+
+    def last_beat(self, worker_id: str) -> float:
+        """When the worker last wrote its liveness record (0: none)."""
+
+        async def read(store: JobStore) -> float:
+            record = await store.client.get(store.keys.worker(worker_id))
+            return float(json.loads(record)["beat_at"]) if record else 0.0
+
+        beat: float = self.cluster.run(self.cluster.with_store(read))
+        return beat
 
     @staticmethod
     def worker_id(process: subprocess.Popen[bytes]) -> str:

@@ -96,17 +96,6 @@ def refused(cluster: Cluster, job_id: str) -> int:
     return count
 
 
-def beat_at(cluster: Cluster, worker_id: str) -> float:
-    """When the worker last wrote its liveness record (0: none)."""
-
-    async def read(store: JobStore) -> float:
-        record = await store.client.get(store.keys.worker(worker_id))
-        return float(json.loads(record)["beat_at"]) if record else 0.0
-
-    value: float = cluster.run(cluster.with_store(read))
-    return value
-
-
 def test_partitioned_host_is_fenced_out_and_rejoins(hosts: MultiHostCluster) -> None:
     cluster, network = hosts.cluster, hosts.network
     host_a, host_b = hosts.worker_hosts
@@ -141,7 +130,7 @@ def test_partitioned_host_is_fenced_out_and_rejoins(hosts: MultiHostCluster) -> 
 
     # It rejoins, the same process: heartbeats again and runs part of a new job.
     assert worker_a.poll() is None, "the cut-off worker lives on"
-    wait_until(lambda: beat_at(cluster, id_a) > healed, 120, "host a heartbeats again")
+    wait_until(lambda: hosts.last_beat(id_a) > healed, 120, "host a heartbeats again")
     second = 30
     second_id = submit(cluster, sleeps(second, 300), "second")
     status = cluster.wait_for_job(second_id, timeout=120)
