@@ -293,12 +293,14 @@ def test_mcp_server_restart_mid_job(redis_url: str, tmp_path: Path, stop_workers
         job_id = submit(cluster, sleeps(total, 50))
         wait_until(lambda: status_of(cluster, job_id).settled > 50, 60, "job under way")
         stop_processes([server], grace_s=5)
-        time.sleep(1.5)  # the server stays down for a while: calls fail and are retried
+        # Items were still to run while the server was gone: their calls failed and were retried,
+        # or waited on the breaker (which spends no attempt), so attempts alone cannot tell.
+        assert status_of(cluster, job_id).settled < total, "the job ended before the server stopped"
+        time.sleep(1.5)
         server = start_demo_http(port)
         status = cluster.wait_for_job(job_id, timeout=120)
         assert status.succeeded == total, status
-        records = settled_exactly_once(cluster, job_id, total)
-        assert max(r.attempts for r in records) > 1, "some calls were retried across the restart"
+        settled_exactly_once(cluster, job_id, total)
     finally:
         stop_processes([server], grace_s=5)
 
