@@ -290,7 +290,7 @@ def test_mcp_server_restart_mid_job(redis_url: str, tmp_path: Path, stop_workers
     try:
         cluster.start_workers(2)
         total = 400
-        job_id = submit(cluster, sleeps(total, 50))
+        job_id = submit(cluster, sleeps(total, 200))  # about 5 s of calls at 16 in flight
         wait_until(lambda: status_of(cluster, job_id).settled > 50, 60, "job under way")
         stop_processes([server], grace_s=5)
         # Items were still to run while the server was gone: their calls failed and were retried,
