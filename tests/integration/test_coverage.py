@@ -125,6 +125,7 @@ class BrokerRefusingWrites:
         self.client.close()
 
 
+@pytest.mark.slow
 def test_claim_failing_while_the_broker_refuses_writes_keeps_the_chunk(
     demo_http_url: str, tmp_path: Path, stop_workers: list[Cluster]
 ) -> None:

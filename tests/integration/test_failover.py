@@ -95,6 +95,7 @@ def refused(cluster: Cluster, job_id: str) -> int:
     return count
 
 
+@pytest.mark.slow
 def test_kill_9_one_of_three_workers_loses_and_duplicates_nothing(
     redis_url: str, tmp_path: Path, stop_workers: list[Cluster]
 ) -> None:
@@ -159,6 +160,7 @@ def test_chunk_taken_by_a_worker_that_died_before_claiming_runs_again_within_sec
     settled_exactly_once(cluster, job_id, total)
 
 
+@pytest.mark.slow
 def test_stalled_worker_resumes_and_its_late_commits_are_refused(
     redis_url: str, tmp_path: Path, stop_workers: list[Cluster]
 ) -> None:
@@ -184,6 +186,7 @@ def test_stalled_worker_resumes_and_its_late_commits_are_refused(
     assert all(r.worker != stalled_id or r.finished_at_ms > 0 for r in records)
 
 
+@pytest.mark.slow
 def test_poison_item_fails_after_its_lease_budget(
     redis_url: str, tmp_path: Path, stop_workers: list[Cluster]
 ) -> None:
@@ -217,6 +220,7 @@ def test_poison_item_fails_after_its_lease_budget(
     assert "lease was lost 3 times, the last time while it ran alone" in poison["error"]["message"]
 
 
+@pytest.mark.slow
 def test_bystanders_of_workers_killed_from_outside_are_isolated_not_poisoned(
     redis_url: str, tmp_path: Path, stop_workers: list[Cluster]
 ) -> None:

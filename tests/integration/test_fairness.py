@@ -12,6 +12,7 @@ from tests.harness import Cluster, make_cluster, stdio_demo
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.slow
 def test_small_job_is_not_stuck_behind_a_huge_one(
     redis_url: str, tmp_path: Path, stop_workers: list[Cluster]
 ) -> None:

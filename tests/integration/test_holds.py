@@ -70,6 +70,7 @@ def status(cluster: Cluster, job_id: str) -> JobStatus:
     return view
 
 
+@pytest.mark.slow
 def test_items_of_servers_that_never_answer_are_held_then_fail_typed(
     redis_url: str, refusing_url: str, tmp_path: Path, stop_workers: list[Cluster]
 ) -> None:

@@ -195,6 +195,7 @@ def step_starts(record_file: Path, job_id: str) -> dict[int, dict[str, list[floa
     return starts
 
 
+@pytest.mark.slow
 def test_killed_workers_never_rerun_a_checkpointed_step(
     redis_url: str, tmp_path: Path, stop_workers: list[Cluster]
 ) -> None:

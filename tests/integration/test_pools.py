@@ -60,6 +60,7 @@ def pool_holders(cluster: Cluster, job_id: str) -> Counter[str]:
     return found
 
 
+@pytest.mark.slow
 def test_two_pools_hand_items_across_through_kills(
     redis_url: str, tmp_path: Path, stop_workers: list[Cluster]
 ) -> None:

@@ -49,6 +49,7 @@ def test_invalid_arguments_are_refused_per_item_and_nothing_is_enqueued(
     assert servers["probe"]["ok"] is True and servers["probe"]["tool_count"] >= 5
 
 
+@pytest.mark.slow
 def test_breaker_holds_items_while_the_server_is_down(
     redis_url: str, tmp_path: Path, stop_workers: list[Cluster]
 ) -> None:
