@@ -48,7 +48,15 @@ def unavailable_reason() -> str | None:
     made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
     if made.returncode != 0:
         return f"`ip netns add` fails here: {made.stderr.strip()}"
-    subprocess.run(["ip", "netns", "delete", probe], capture_output=True)
+    try:
+        # What a Network is made of, tried inside the probe (removed with it).
+        for kind in (["veth", "peer", "name", "probe1"], ["bridge"]):
+            ip("link", "add", "probe0", "type", *kind, netns=probe)
+            ip("link", "delete", "probe0", netns=probe)
+    except RuntimeError as exc:
+        return f"links cannot be made here: {exc}"
+    finally:
+        subprocess.run(["ip", "netns", "delete", probe], capture_output=True)
     return None
 
 
