@@ -430,7 +430,7 @@ def test_clear_while_32_writers_append_loses_no_later_append(storage: Storage) -
         done_before: set[str] = set()  # appends that returned before clear was called
         started_after: set[str] = set()  # appends that started after clear returned
         landed = 0
-        clearing, cleared = False, asyncio.Event()
+        clearing, cleared, reached = False, asyncio.Event(), asyncio.Event()
 
         async def writer(w: int) -> None:
             nonlocal landed
@@ -440,12 +440,16 @@ def test_clear_while_32_writers_append_loses_no_later_append(storage: Storage) -
                     started_after.add(rid)
                 await store.append(sid, record(rid))
                 landed += 1
+                if landed >= 800:
+                    reached.set()
                 if not clearing:
                     done_before.add(rid)
 
         async def clear_midway() -> None:
             nonlocal clearing
-            await wait_for(lambda: _at_least(landed, 800), timeout=20, what="800 appends")
+            # Woken by the 800th append, not by polling: the memory store's writers would finish
+            # all 1600 between two polls, and the clear would race nothing.
+            await asyncio.wait_for(reached.wait(), timeout=20)
             clearing = True
             assert await store.clear(sid)
             cleared.set()
@@ -464,10 +468,6 @@ def test_clear_while_32_writers_append_loses_no_later_append(storage: Storage) -
         assert compaction_size(len(context.window), window) == 0
 
     asyncio.run(main())
-
-
-async def _at_least(value: int, expected: int) -> bool:
-    return value >= expected
 
 
 def test_a_failing_summarizer_keeps_the_record_and_a_later_append_compacts(storage: Storage) -> None:
