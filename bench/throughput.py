@@ -12,6 +12,7 @@ machine is shared and noisy. The last line is
 ``ratios: swarm/direct=X.XX swarm/naive=Y.YY swarm/celery=Z.ZZ`` (HTTP).
 
     python bench/throughput.py [--items 3000] [--rounds 3] [--workers 2] [--concurrency 32]
+                               [--profile bench/profiles]
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import plain_celery  # noqa: E402
+from bench.profiling import WorkerProfile, breakdown, components  # noqa: E402
 from cli.commands import open_store, submit  # noqa: E402
 from cli.processes import free_port, stop_processes  # noqa: E402
 from shared.embedded import EmbeddedRedis  # noqa: E402
@@ -275,6 +277,16 @@ def run_transport(
             celery_rates.append(
                 meter.measure("celery", args.items, lambda: plain.run(args.items), plain.pids)
             )
+        if args.profile is not None:  # one more swarm round, sampled, left out of the figures
+            args.profile.mkdir(parents=True, exist_ok=True)
+            recording = WorkerProfile(cluster.workers[0].pid, args.profile / f"throughput-{name}-worker.txt")
+            swarm(cluster, settings, args.items, workdir)
+            raw = recording.stop()
+            lines = breakdown(components(raw), meter.per_item("swarm.workers"))
+            (args.profile / f"throughput-{name}-components.txt").write_text("\n".join(lines) + "\n")
+            print(f"[{name}] where a worker's CPU goes (py-spy, own time by component; {raw}):")
+            for line in lines[:14]:
+                print(f"[{name}]   {line}")
         naive_items = args.naive_items if name == "http" else max(16, args.naive_items // 10)
         naive_rate = asyncio.run(naive(config, naive_items, args.concurrency))
     finally:
@@ -331,6 +343,12 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=WorkerSettings().chunk_size)
     parser.add_argument("--chunks-in-flight", type=int, default=WorkerSettings().chunks_in_flight)
     parser.add_argument("--transports", default="http,stdio")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="Also sample one worker with py-spy in an extra round; write its stacks and breakdown here.",
+    )
     args = parser.parse_args()
 
     tune_gc()  # the direct client (the ceiling) runs here: on the workers' collector settings too
