@@ -23,6 +23,8 @@ from shared.store import JobStore
 log = logging.getLogger(__name__)
 
 AMQP_CONNECT_TIMEOUT_S = 3.0
+# Keys a SCAN step looks at: the default (10) took about 0.5 s per read with 10,000 jobs in Redis.
+SCAN_COUNT = 1000
 
 
 async def queue_depths(store: JobStore, settings: Settings, servers: Iterable[str]) -> dict[str, int] | None:
@@ -37,7 +39,8 @@ async def queue_depths(store: JobStore, settings: Settings, servers: Iterable[st
 
 async def redis_queue_depth(store: JobStore, settings: Settings, queue: str) -> int:
     waiting = 0
-    async for key in store.client.scan_iter(match=f"{settings.namespace}:celery:{queue}*", _type="list"):
+    pattern = f"{settings.namespace}:celery:{queue}*"  # kombu keeps one list per priority step
+    async for key in store.client.scan_iter(match=pattern, _type="list", count=SCAN_COUNT):
         waiting += await store.client.llen(key)
     return int(waiting)
 
