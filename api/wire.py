@@ -28,6 +28,10 @@ class ItemIn(BaseModel):
     key: str | None = None
     input: dict[str, Any] | None = None
     steps: list[StepSpec] | None = None
+    needs: list[str] | None = Field(
+        default=None,
+        description='Keys of items that must settle first; their outputs are in scope as needs."KEY".',
+    )
     session: str | None = Field(default=None, description="A conversation session (UUID) to record calls in.")
 
 

@@ -244,6 +244,25 @@ def test_pipelines_through_the_api(api: tuple[Cluster, httpx2.Client]) -> None:
     refused = client.post("/v1/jobs", json=unknown)
     assert refused.status_code == 422 and "pipeline: step 'x': unknown tool 'nope'" in refused.text
 
+    first = {"key": "first", "tool": "echo", "arguments": {"text": "one"}}
+    then = {
+        "key": "then",
+        "needs": ["first"],
+        "steps": [{"name": "again", "tool": "echo", "arguments": {"text": {"$from": 'needs."first".text'}}}],
+    }
+    created = client.post("/v1/jobs", json={"server": "demo", "items": [then, first]})
+    assert created.status_code == 201, created.text
+    job_id = created.json()["job_id"]
+    assert wait_done(client, job_id)["succeeded"] == 2
+    results = client.get(f"/v1/jobs/{job_id}/results").json()["results"]
+    assert results[0]["steps"][0]["output"]["text"] == "one"
+    lonely = {"key": "lonely", "tool": "echo", "arguments": {"text": "x"}, "needs": ["nobody"]}
+    refused = client.post("/v1/jobs", json={"server": "demo", "items": [lonely]})
+    assert (
+        refused.status_code == 422
+        and "needs 'nobody', which no item of the job has as its key" in refused.text
+    )
+
 
 def test_reduce_and_retry_through_the_api(api: tuple[Cluster, httpx2.Client]) -> None:
     _, client = api
