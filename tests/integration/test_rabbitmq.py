@@ -19,6 +19,7 @@ from shared.keys import Keys
 from shared.models import Chunk, ResultRecord
 from shared.store import JobStore
 from tests.harness import Cluster, http_demo, make_cluster, wait_until
+from tests.integration.test_failover import TAKE_ONE_CHUNK
 from tests.rabbit import RabbitNode, rabbitmq_missing, rabbitmq_node
 from workers.app import CeleryEnqueuer, create_app
 
@@ -157,28 +158,6 @@ def test_a_job_runs_over_rabbitmq_and_a_small_one_is_not_stuck_behind_a_huge_one
     assert job_meta(cluster, small_id, "restored_items") is None, "the sweep took no chunk for lost"
     assert reaper_ran_clean(cluster)
     assert cluster.cli("cancel", huge_id).returncode == 0
-
-
-# A consumer that takes one chunk message off the demo queue, unacknowledged, and then waits to be
-# killed: a worker that died between the broker's delivery and the claim of the chunk's items.
-TAKE_ONE_CHUNK = """
-import signal
-import time
-from shared.fleet import server_views
-from shared.keys import Keys
-from shared.settings import load_settings
-from workers.app import create_app
-settings = load_settings()
-app = create_app(settings)
-with app.connection_for_write() as connection:
-    channel = connection.default_channel
-    message = None
-    while message is None:
-        message = channel.basic_get(Keys(settings.namespace).queue("demo"), no_ack=False)
-        time.sleep(0.05)
-    print("taken", flush=True)
-    signal.pause()  # until the test kills it
-"""
 
 
 def test_kill_9_gives_unacked_chunks_back_and_commits_each_item_once(
