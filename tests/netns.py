@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
+from shared.embedded import pid_alive
+
 HERE_HOST_NUMBER = 254  # the calling process's address on the switch is .254
 PREFIX = "tsw"
 OWNED = re.compile(rf"^{PREFIX}-(\d+)-[0-9a-f]+-")
@@ -79,16 +81,6 @@ def remove_stale_namespaces() -> list[str]:
             subprocess.run(["ip", "netns", "delete", name], capture_output=True)
             stale.append(name)
     return stale
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def used_networks() -> list[ipaddress.IPv4Network]:
