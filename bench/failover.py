@@ -41,13 +41,13 @@ from typing import Protocol
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cli.processes import stop_processes
+from cli.processes import stop_processes, wait_for_port
 from shared.embedded import EmbeddedRedis
 from shared.models import ResultRecord
 from shared.settings import Settings
 from shared.store import JobStore
 from tests.harness import Cluster, demo_http_server, http_demo, make_cluster
-from tests.multihost import MultiHostCluster, multihost_cluster, wait_for_tcp
+from tests.multihost import MultiHostCluster, multihost_cluster
 from tests.netns import Host, Network, unavailable_reason
 
 DEMO_PORT = 8765  # on the MCP host of its own, in --partition mode
@@ -245,7 +245,7 @@ def partitioned(args: argparse.Namespace, workdir: Path) -> None:
             start_new_session=True,
         )
         try:
-            wait_for_tcp(mcp_host.address, DEMO_PORT, 30, server)
+            wait_for_port(DEMO_PORT, 30, server, address=mcp_host.address)
             servers = {"demo": http_demo(f"http://{mcp_host.address}:{DEMO_PORT}/mcp", max_concurrency=256)}
             labels = [str(i) for i in range(args.workers)]
             with multihost_cluster(workdir, servers, worker_hosts=labels, network=network) as hosts:

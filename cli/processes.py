@@ -49,16 +49,18 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for_port(port: int, timeout: float, process: subprocess.Popen[bytes] | None = None) -> None:
+def wait_for_port(
+    port: int, timeout: float, process: subprocess.Popen[bytes] | None = None, address: str = "127.0.0.1"
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             raise ToolswarmError(f"process {process.pid} exited with {process.returncode} before listening")
         with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
+            if sock.connect_ex((address, port)) == 0:
                 return
         time.sleep(0.05)
-    raise ToolswarmError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+    raise ToolswarmError(f"nothing listens on {address}:{port} after {timeout}s")
 
 
 def spawn_worker(env: dict[str, str], loglevel: str, name: str) -> subprocess.Popen[bytes]:

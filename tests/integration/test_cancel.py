@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,7 @@ import pytest
 
 from shared.models import JobStatus, ResultRecord
 from shared.store import JobStore
-from tests.harness import Cluster, make_cluster, stdio_demo, wait_until
+from tests.harness import Cluster, holds_for, make_cluster, stdio_demo, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -98,13 +97,14 @@ def test_cancel_settles_every_item_once_and_refuses_late_results(
     # must be refused: nothing about the job changes after cancel returned.
     results, counters, events, refused = snapshot(cluster, job_id)
     assert len(results) == ITEMS
-    deadline = time.monotonic() + QUIET_AFTER_CANCEL_S
-    while time.monotonic() < deadline:
+    refused = 0
+
+    def unchanged() -> bool:
+        nonlocal refused
         now_results, now_counters, now_events, refused = snapshot(cluster, job_id)
-        assert now_counters == counters
-        assert now_events == events
-        assert now_results == results
-        time.sleep(0.25)
+        return (now_counters, now_events, now_results) == (counters, events, results)
+
+    holds_for(unchanged, QUIET_AFTER_CANCEL_S, "nothing about the job changes after cancel", interval=0.25)
     assert refused >= 0
     print(f"late commits refused after cancel: {refused}")
 

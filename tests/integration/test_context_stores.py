@@ -35,6 +35,7 @@ from shared.errors import InvalidSessionId
 from shared.keys import Keys
 from shared.settings import Settings
 from shared.store import connect
+from tests.harness import wait_until_async
 
 pytestmark = pytest.mark.integration
 
@@ -106,15 +107,6 @@ def session() -> str:
 
 def record(rid: str, tool: str = "fetch") -> ToolCallRecord:
     return ToolCallRecord(tool=tool, server="demo", arguments={"id": rid}, result_text=f"result of {rid}")
-
-
-async def wait_for(predicate: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await predicate():
-            return
-        await asyncio.sleep(0.05)
-    raise TimeoutError(f"not within {timeout}s: {what}")
 
 
 async def next_millisecond() -> None:
@@ -329,11 +321,11 @@ def test_idle_sessions_expire_and_touched_ones_stay(storage: Storage) -> None:
                     return not [k for k in await storage.redis_keys() if idle in k]
                 return await store.count() == 1
 
-            await wait_for(idle_gone, timeout=10, what="the idle session expired")
+            await wait_until_async(idle_gone, timeout=10, what="the idle session expired")
             assert await store.get(idle) is None
             assert await store.count() == 1
 
-            await wait_for(
+            await wait_until_async(
                 lambda: _equals(store.count(), 0), timeout=10, what="the last session expired, untouched"
             )
             assert await store.get(touched) is None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 import sys
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import Cluster, make_cluster, stdio_demo
+from tests.harness import Cluster, make_cluster, stdio_demo, wait_until_async
 
 pytestmark = pytest.mark.integration
 
@@ -34,14 +33,14 @@ def test_events_of_a_job_and_a_consumer_group(
 
         async def group_ready(store: object) -> None:
             client = store.client  # type: ignore[attr-defined]
-            deadline = asyncio.get_running_loop().time() + 30
-            while asyncio.get_running_loop().time() < deadline:
-                if await client.exists(store.keys.events):  # type: ignore[attr-defined]
-                    groups = await client.xinfo_groups(store.keys.events)  # type: ignore[attr-defined]
-                    if any(g["name"] == "audit" for g in groups):
-                        return
-                await asyncio.sleep(0.05)
-            raise TimeoutError("consumer group not created")
+
+            async def created() -> bool:
+                if not await client.exists(store.keys.events):  # type: ignore[attr-defined]
+                    return False
+                groups = await client.xinfo_groups(store.keys.events)  # type: ignore[attr-defined]
+                return any(g["name"] == "audit" for g in groups)
+
+            await wait_until_async(created, 30, "consumer group created")
 
         cluster.run(cluster.with_store(group_ready))
         # `events --follow --job` started before completion ends by itself at job.completed.

@@ -17,6 +17,7 @@ import pytest
 from cli.processes import free_port, stop_processes
 from shared.embedded import EmbeddedRedis
 from shared.models import JobStatus, ResultRecord
+from shared.probes import last_probe
 from shared.settings import Settings
 from shared.store import JobStore
 from tests.harness import Cluster, http_demo, make_cluster, start_demo_http, stdio_demo, wait_until
@@ -300,7 +301,13 @@ def test_mcp_server_restart_mid_job(redis_url: str, tmp_path: Path, stop_workers
         # Items were still to run while the server was gone: their calls failed and were retried,
         # or waited on the breaker (which spends no attempt), so attempts alone cannot tell.
         assert status_of(cluster, job_id).settled < total, "the job ended before the server stopped"
-        time.sleep(1.5)
+
+        async def seen_down(store: JobStore) -> bool:
+            probed = await last_probe(store.client, store.keys, "demo")
+            return probed is not None and not probed.ok
+
+        # Back once the workers have seen it gone (a failed call tripped its breaker).
+        wait_until(lambda: cluster.run(cluster.with_store(seen_down)), 30, "the workers saw the server down")
         server = start_demo_http(port)
         status = cluster.wait_for_job(job_id, timeout=120)
         assert status.succeeded == total, status
@@ -330,7 +337,7 @@ def test_redis_restart_mid_job_loses_nothing(
         job_id = submit(cluster, sleeps(total, 50))
         wait_until(lambda: status_of(cluster, job_id).settled > 50, 60, "job under way")
         redis.stop()
-        time.sleep(1.0)  # Redis stays down for a while: commands fail and are retried
+        time.sleep(1.0)  # the outage itself (not a wait for anything): commands fail and are retried
         restarted = EmbeddedRedis(redis.settings, port=port, appendonly=True, data_dir=tmp_path / "data")
         restarted.start(publish=False)
         redis = restarted

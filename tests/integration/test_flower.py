@@ -6,7 +6,6 @@ import ast
 import json
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -16,7 +15,7 @@ from typing import Any
 import pytest
 
 from cli.processes import free_port, stop_processes, wait_for_port
-from tests.harness import Cluster, make_cluster, stdio_demo
+from tests.harness import Cluster, make_cluster, stdio_demo, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -33,20 +32,20 @@ def get(url: str) -> str:
 
 def poll(fetch: Callable[[], Any], timeout: float, what: str, log: Path) -> Any:
     """Call ``fetch`` until it returns something truthy (connection errors count as not yet)."""
-    deadline = time.monotonic() + timeout
     last: object = None
-    while True:
+
+    def fetched() -> Any:
+        nonlocal last
         try:
-            value = fetch()
+            return fetch()
         except (urllib.error.URLError, ConnectionError) as exc:
-            value, last = None, exc
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(
-                f"{what} after {timeout}s (last: {last})\n{log.read_text(errors='replace')[-3000:]}"
-            )
-        time.sleep(0.25)
+            last = exc
+            return None
+
+    try:
+        return wait_until(fetched, timeout, what, interval=0.25)
+    except TimeoutError as exc:
+        raise TimeoutError(f"{exc} (last: {last})\n{log.read_text(errors='replace')[-3000:]}") from None
 
 
 def online_workers(base: str) -> set[str]:

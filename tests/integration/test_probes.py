@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from cli.processes import free_port, stop_processes
-from tests.harness import Cluster, http_demo, make_cluster, start_demo_http, stdio_demo
+from tests.harness import Cluster, holds_for, http_demo, make_cluster, start_demo_http, stdio_demo, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -68,25 +67,25 @@ def test_breaker_holds_items_while_the_server_is_down(
         cluster.start_workers(2)
         items = write_items(tmp_path / "i.jsonl", [{"tool": "sleep", "arguments": {"ms": 200}}] * 600)
         job_id = json.loads(cluster.cli("submit", str(items), "--server", "demo", "--json").stdout)["job_id"]
-        deadline = time.monotonic() + 60
-        while json.loads(cluster.cli("status", job_id, "--json").stdout)["succeeded"] < 30:
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+        wait_until(
+            lambda: json.loads(cluster.cli("status", job_id, "--json").stdout)["succeeded"] >= 30,
+            60,
+            "30 items succeeded",
+        )
         server.kill()  # down at once: a graceful stop would let calls in flight finish the job
         server.wait()
+
         # Down for longer than two attempts' backoff: without the breaker items would fail.
-        deadline = time.monotonic() + 30
-        while True:
+        def breaker_open() -> bool:
             probe = json.loads(cluster.cli("servers", "--json").stdout)["servers"]["demo"]["probe"]
-            if probe and not probe["ok"]:
-                break
-            assert time.monotonic() < deadline, "the breaker never opened"
-            time.sleep(0.2)
-        watched_until = time.monotonic() + 3  # several backoffs' worth of the server being down
-        while time.monotonic() < watched_until:
-            assert json.loads(cluster.cli("status", job_id, "--json").stdout)["failed"] == 0, (
-                "held, not failed"
-            )
+            return bool(probe and not probe["ok"])
+
+        wait_until(breaker_open, 30, "the breaker opened")
+        holds_for(  # several backoffs' worth of the server being down
+            lambda: json.loads(cluster.cli("status", job_id, "--json").stdout)["failed"] == 0,
+            3,
+            "held, not failed",
+        )
         server = start_demo_http(port)
         status = cluster.wait_for_job(job_id, timeout=120)
         assert status.succeeded == 600 and status.failed == 0

@@ -12,6 +12,7 @@ from shared import limiter
 from shared.keys import Keys
 from shared.limiter import ClusterLimiter
 from shared.store import connect
+from tests.harness import wait_until_async
 
 pytestmark = pytest.mark.integration
 
@@ -23,10 +24,10 @@ async def hold_then_release(owner: ClusterLimiter, holding: asyncio.Event, relea
 
 
 async def listening(waiting: ClusterLimiter, server: str, timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while server not in waiting.freed.bumped:
-        assert asyncio.get_running_loop().time() < deadline, "the waiter never waited for word"
-        await asyncio.sleep(0.01)
+    async def waits() -> bool:
+        return server in waiting.freed.bumped
+
+    await wait_until_async(waits, timeout, "the waiter waits for word", interval=0.01)
 
 
 async def _waiter_hears_release(redis_url: str) -> None:

@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,7 +22,7 @@ import pytest
 import redis
 
 from cli.processes import free_port, stop_processes
-from tests.harness import ROOT, server_toml, stdio_demo
+from tests.harness import ROOT, server_toml, stdio_demo, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -49,18 +48,6 @@ def workdir(tmp_path: Path) -> Path:
     lines = [json.dumps({"tool": "echo", "arguments": {"text": f"up-{i}"}}) for i in range(ITEMS)]
     (tmp_path / "items.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return tmp_path
-
-
-def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
-    """Poll ``condition`` until it returns something truthy; fail naming ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} after {timeout}s")
-        time.sleep(interval)
 
 
 def cli(workdir: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
