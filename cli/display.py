@@ -215,7 +215,7 @@ def probe_text(probe: ProbeResult | None) -> str:
     if probe.ok:
         return f"[green]ok[/green] {probe.latency_ms:.0f} ms, {probe.tool_count} tools"
     kind = f" ({probe.error_type})" if probe.error_type else ""
-    down_for = ago(probe.down_since_ms or probe.at_ms, int(time.time() * 1000)).removesuffix(" ago")
+    down_for = ago(probe.outage_began_ms, int(time.time() * 1000)).removesuffix(" ago")
     return f"[red]down[/red] for {down_for}{kind}: {probe.error}"
 
 

@@ -33,7 +33,7 @@ async def with_holds(store: JobStore, settings: Settings, status: JobStatus) -> 
         if probe is None or probe.ok:
             reasons.append(f"server {server}: waiting for its breaker to close")
             continue
-        down_s = (now_ms - (probe.down_since_ms or probe.at_ms)) / 1000
+        down_s = (now_ms - probe.outage_began_ms) / 1000
         hold = settings.servers[server].hold_timeout_s if server in settings.servers else None
         until = f", items fail after {hold:g}s" if hold is not None else ""
         reasons.append(f"server {server} down for {down_s:.0f}s{until}: {probe.error}")

@@ -50,11 +50,16 @@ class ProbeResult(BaseModel):
     tool_count: int = 0
     at_ms: int
 
+    @property
+    def outage_began_ms(self) -> int:
+        """When the outage this failed probe belongs to began (records from before the field: this probe)."""
+        return self.down_since_ms or self.at_ms
+
     def outage_error(self, hold_timeout_s: float, now_ms: int, endpoint: str = "") -> PermanentError | None:
         """The error held items fail with, once the server has been down for ``hold_timeout_s``."""
         if self.ok:
             return None
-        down_s = (now_ms - (self.down_since_ms or self.at_ms)) / 1000
+        down_s = (now_ms - self.outage_began_ms) / 1000
         if down_s < hold_timeout_s:
             return None
         message = (
@@ -103,7 +108,7 @@ async def probe(name: str, config: ServerConfig) -> tuple[ProbeResult, list[Tool
 async def in_outage(client: Any, keys: Keys, result: ProbeResult) -> ProbeResult:
     """A failed probe, dated from the first failure of the outage it belongs to."""
     previous = await last_probe(client, keys, result.server)
-    began = previous.down_since_ms or previous.at_ms if previous is not None and not previous.ok else None
+    began = previous.outage_began_ms if previous is not None and not previous.ok else None
     return result.model_copy(update={"down_since_ms": began or result.at_ms})
 
 
