@@ -88,6 +88,9 @@ class RabbitNode:
             ["/usr/lib/rabbitmq/bin/rabbitmqctl", "-n", self.node_name, *args],
             env=_node_env(self.base, self.node_name, self.port, 0, _epmd_port(self.epmd)),
             user=RABBIT_USER,
+            # Its own directory: the checkout may be one the rabbitmq user cannot enter (mktemp -d
+            # is 0700), and Erlang then fails reading its working directory.
+            cwd=self.base,
             capture_output=True,
             text=True,
             timeout=60,
@@ -191,6 +194,7 @@ def rabbitmq_node(config: str = "") -> Iterator[RabbitNode]:
     epmd = subprocess.Popen(
         [EPMD, "-port", str(epmd_port), "-address", "127.0.0.1"],
         env=env,
+        cwd=base,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
